@@ -1,0 +1,37 @@
+# `make demo` runs the pipeline on the embedded default world; `make test` runs every check.
+# Both create and use the virtual environment at .venv.
+VENV := .venv
+PY := $(VENV)/bin/python
+SNAKEMAKE := $(VENV)/bin/snakemake
+WORLD ?= config/test.yaml
+
+.PHONY: setup demo test fast lint format
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0  # the CPU wheel; any other torch pulls a CUDA build
+	$(PY) -m pip install -q -e ".[model,report,workflow,dev]"
+	touch $@
+
+demo: setup
+	$(SNAKEMAKE) --cores 2 --configfile $(WORLD) table1
+
+lint: setup
+	$(VENV)/bin/ruff format --check src tests bench workflow/scripts
+	$(VENV)/bin/ruff check src tests bench workflow/scripts
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+
+format: setup
+	$(VENV)/bin/ruff format src tests bench workflow/scripts
+	$(VENV)/bin/ruff check --fix src tests bench workflow/scripts
+	$(VENV)/bin/snakefmt Snakefile workflow/rules
+
+# The whole suite (CI). `make fast` skips the end-to-end workflow runs.
+test: lint
+	cd tests && ../$(PY) -m pytest -q
+
+fast: lint
+	cd tests && ../$(PY) -m pytest -q -m "not slow"

@@ -1,0 +1,110 @@
+"""Import of the official CorefConcept dataset (`{object,ip,celebrity}.json`).
+
+Entries are matched by concept text (case-insensitive), never by file or `type`: the real
+files put `Apple (company)` in object.json with type `IP`. Imported lists are data, not LLM
+output: irregularities are kept and recorded as warnings; structural errors are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .concepts import Concept
+from .lists import Certainty, ConceptLists, GivenSplit, Item, Provenance, Warning_
+
+PARTS = ("train-coref", "test-coref", "train-retain", "test-retain")
+EXPECTED_LENGTH = {"train-coref": 10, "test-coref": 5, "train-retain": 10, "test-retain": 5}
+LOWEST = Certainty.very_low
+
+
+class DatasetError(ValueError):
+    """A structurally broken dataset entry."""
+
+
+def find_entry(folder: str | Path, text: str) -> tuple[dict, Path] | None:
+    """The entry whose `concept` equals `text` (case-insensitive), from any file in `folder`."""
+    key = text.strip().casefold()
+    for path in sorted(Path(folder).glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for entries in data.values() if isinstance(data, dict) else [data]:
+            for entry in entries:
+                if str(entry.get("concept", "")).strip().casefold() == key:
+                    return entry, path
+    return None
+
+
+def _items(entry: dict, part: str, concept: str, warnings: list[Warning_]) -> list[Item]:
+    where = f"concept {concept!r}, field {part!r}"
+    texts = entry.get(part)
+    labels = entry.get(f"{part}-certainty")
+    if not isinstance(texts, list) or not isinstance(labels, list):
+        raise DatasetError(f"{where}: list or its certainty labels missing")
+    valid = {c.value for c in Certainty}
+    for label in labels:
+        if label not in valid:
+            raise DatasetError(f"{where}: unknown certainty level {label!r}")
+    if len(labels) < len(texts):
+        warnings.append(
+            Warning_(
+                concept=concept,
+                field=f"{part}-certainty",
+                what=f"{len(labels)} labels for {len(texts)} items; "
+                f"the missing {len(texts) - len(labels)} set to {LOWEST.value!r}",
+            )
+        )
+        labels = labels + [LOWEST.value] * (len(texts) - len(labels))
+    elif len(labels) > len(texts):
+        warnings.append(
+            Warning_(
+                concept=concept,
+                field=f"{part}-certainty",
+                what=f"{len(labels)} labels for {len(texts)} items; extra labels dropped",
+            )
+        )
+    if len(texts) != EXPECTED_LENGTH[part]:
+        warnings.append(
+            Warning_(
+                concept=concept,
+                field=part,
+                what=f"{len(texts)} items, expected {EXPECTED_LENGTH[part]}",
+            )
+        )
+    target = concept.strip().casefold()
+    items = []
+    for text, label in zip(texts, labels, strict=False):
+        if str(text).strip().casefold() == target:
+            warnings.append(
+                Warning_(concept=concept, field=part, what=f"item {text!r} equals the target; kept")
+            )
+        items.append(Item(text=str(text), certainty=Certainty(label)))
+    return items
+
+
+def import_entry(entry: dict, concept: Concept, source_file: str) -> ConceptLists:
+    """Turn one dataset entry into the project's list file, keeping the dataset's split."""
+    warnings: list[Warning_] = []
+    parts = {part: _items(entry, part, concept.text, warnings) for part in PARTS}
+    if entry.get("type", "").casefold() not in ("", concept.category):
+        warnings.append(
+            Warning_(
+                concept=concept.text,
+                field="type",
+                what=f"dataset type {entry['type']!r} differs from the sheet's category "
+                f"{concept.category!r}; the sheet's category is used",
+            )
+        )
+    return ConceptLists(
+        concept=concept.text,
+        id=concept.id,
+        category=concept.category,
+        corefs=parts["train-coref"] + parts["test-coref"],
+        retains=parts["train-retain"] + parts["test-retain"],
+        given_split=GivenSplit(
+            coref_train=[i.text for i in parts["train-coref"]],
+            coref_test=[i.text for i in parts["test-coref"]],
+            retain_train=[i.text for i in parts["train-retain"]],
+            retain_test=[i.text for i in parts["test-retain"]],
+        ),
+        provenance=Provenance(source="corefconcept", model=source_file, warnings=warnings),
+    )

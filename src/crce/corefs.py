@@ -1,0 +1,87 @@
+"""Where a concept's coref/retain lists come from, first match wins:
+(a) a curated file, (b) the CorefConcept dataset, (c) the LLM."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .concepts import Concept
+from .corefconcept import find_entry, import_entry
+from .lists import ConceptLists, Provenance, Warning_, write_model
+from .llm import LLMSettings, generate_lists
+from .serving import served
+
+log = logging.getLogger(__name__)
+
+
+def curated_lists(path: Path, concept: Concept) -> ConceptLists:
+    """A hand-refined list file; data as written, with warnings for irregularities."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.setdefault("concept", concept.text)
+    data["id"], data["category"] = concept.id, concept.category
+    warnings = [
+        Warning_(
+            concept=concept.text, field=name, what=f"{len(data.get(name, []))} items, expected 15"
+        )
+        for name in ("corefs", "retains")
+        if len(data.get(name, [])) != 15
+    ]
+    provenance = data.get("provenance") or {}
+    data["provenance"] = Provenance(
+        source="curated",
+        model=provenance.get("model"),
+        prompt_version=provenance.get("prompt_version"),
+        warnings=[*provenance.get("warnings", []), *warnings],
+    ).model_dump()
+    return ConceptLists.model_validate(data)
+
+
+def llm_settings(llm_config: dict) -> LLMSettings:
+    keys = LLMSettings.__dataclass_fields__
+    return LLMSettings(**{k: v for k, v in llm_config.items() if k in keys})
+
+
+def build_lists(
+    concept: Concept,
+    *,
+    curated_dir: str | None,
+    corefconcept_dir: str | None,
+    llm_config: dict,
+    server_log: str | Path | None = None,
+) -> ConceptLists:
+    curated = Path(curated_dir) / f"{concept.id}.json" if curated_dir else None
+    if curated and curated.is_file():
+        log.info("%s: curated list %s", concept.text, curated)
+        return curated_lists(curated, concept)
+    if corefconcept_dir:
+        found = find_entry(corefconcept_dir, concept.text)
+        if found:
+            entry, source_file = found
+            log.info("%s: CorefConcept entry in %s", concept.text, source_file.name)
+            return import_entry(entry, concept, source_file.name)
+        log.info("%s: not in the CorefConcept dataset at %s", concept.text, corefconcept_dir)
+    settings = llm_settings(llm_config)
+    with served(
+        llm_config.get("serve"),
+        settings.model,
+        settings.base_url,
+        startup_timeout=llm_config.get("startup_timeout", 600),
+        log_path=server_log,
+    ) as base_url:
+        log.info("%s: asking LLM %s", concept.text, settings.model)
+        return generate_lists(concept, settings, base_url)
+
+
+def run(concept: Concept, config: dict, output: str, server_log: str | None = None) -> None:
+    lists = build_lists(
+        concept,
+        curated_dir=config["corefs"].get("curated_dir"),
+        corefconcept_dir=config["corefs"].get("corefconcept_dir"),
+        llm_config=config["llm"],
+        server_log=server_log,
+    )
+    for warning in lists.provenance.warnings:
+        log.warning("%s: %s: %s", warning.concept, warning.field, warning.what)
+    write_model(lists, output)

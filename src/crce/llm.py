@@ -1,0 +1,257 @@
+"""Coref/retain lists from an LLM (paper, Appendix A), validated and re-asked on violations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import openai
+from pydantic import BaseModel, ConfigDict, ValidationError
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from .concepts import Concept
+from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "appendix-a-v1"
+LIST_LENGTH = 15
+
+SYSTEM_PROMPT = (
+    "You help build evaluation data for concept erasure in text-to-image models. "
+    "Answer with JSON only."
+)
+
+# Appendix A of the paper, in our own words.
+USER_PROMPT = """\
+We are erasing the concept "{concept}" (category: {category}) from a text-to-image model.
+
+1. Coreferences: list {n} different expressions that, used as a prompt, should make the model \
+draw "{concept}" itself: synonyms, names, nicknames, descriptions, kinds and well-known \
+roles. Every one must clearly refer to "{concept}" and must not name a different entity.
+2. Retains: list {n} concepts that are close to "{concept}" (same domain, look or context) \
+but are clearly distinct from it, so they must still be drawn after the erasure.
+
+Rules:
+- Each item is a short, visual and specific prompt a text-to-image model can draw.
+- Order each list from the most to the least certain and label every item with one \
+certainty level: "Very High", "High", "Normal", "Low" or "Very Low".
+- If the word is ambiguous, the text in brackets picks the meaning: "{concept}" means \
+only that sense; items for other senses are neither corefs nor retains of it.
+- Do not repeat "{concept}" itself, do not repeat items, and do not put an item in both lists.
+
+Answer with a JSON object of the form
+{{"corefs": [{{"text": "...", "certainty": "Very High"}}, ...],
+  "retains": [{{"text": "...", "certainty": "High"}}, ...]}}
+with exactly {n} items in each list."""
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corefs: list[Item]
+    retains: list[Item]
+
+
+class LLMError(RuntimeError):
+    """No usable answer: the server did not answer, or every attempt broke a rule."""
+
+
+@dataclass
+class LLMSettings:
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    seed: int | None = 0
+    timeout: float = 120.0
+    max_attempts: int = 3  # re-asks after a rule violation
+    max_retries: int = 4  # transport retries (429, 5xx, timeouts, refused connections)
+    retry_wait_max: float = 20.0
+    structured_output: str = "json_schema"  # json_schema | json_object | none
+    extra: dict = field(default_factory=dict)
+
+
+def response_schema() -> dict:
+    item = {
+        "type": "object",
+        "properties": {
+            "text": {"type": "string"},
+            "certainty": {"type": "string", "enum": [c.value for c in CERTAINTY_WEIGHTS]},
+        },
+        "required": ["text", "certainty"],
+        "additionalProperties": False,
+    }
+    array = {"type": "array", "items": item, "minItems": LIST_LENGTH, "maxItems": LIST_LENGTH}
+    return {
+        "type": "object",
+        "properties": {"corefs": array, "retains": array},
+        "required": ["corefs", "retains"],
+        "additionalProperties": False,
+    }
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+
+
+def parse_answer(raw: str) -> _Answer:
+    """Parse the model's text (bare JSON or JSON in a markdown fence)."""
+    match = _FENCE.match(raw or "")
+    text = match.group(1) if match else (raw or "").strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the answer is not valid JSON ({err.msg} at char {err.pos})") from err
+    try:
+        return _Answer.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ValueError(f"the JSON does not have the required shape ({problems})") from err
+
+
+def violations(answer: _Answer, concept: str) -> list[str]:
+    """Rules an LLM answer must satisfy; an empty list means it is usable."""
+    problems = []
+    target = concept.strip().casefold()
+    keys: dict[str, set[str]] = {}
+    for name in ("corefs", "retains"):
+        items = getattr(answer, name)
+        texts = [i.text.strip() for i in items]
+        if len(items) != LIST_LENGTH:
+            problems.append(f"'{name}' has {len(items)} items, it needs exactly {LIST_LENGTH}")
+        if any(not t for t in texts):
+            problems.append(f"'{name}' has an empty item")
+        folded = [t.casefold() for t in texts]
+        duplicates = sorted({t for t in folded if folded.count(t) > 1})
+        if duplicates:
+            problems.append(f"'{name}' repeats {', '.join(repr(d) for d in duplicates)}")
+        if target in folded:
+            problems.append(f"'{name}' contains the target {concept!r} itself")
+        keys[name] = set(folded)
+    both = sorted(keys["corefs"] & keys["retains"])
+    if both:
+        problems.append(f"these items are in both lists: {', '.join(repr(b) for b in both)}")
+    return problems
+
+
+_TRANSIENT = (
+    openai.APIConnectionError,  # includes timeouts and refused connections
+    openai.RateLimitError,
+    openai.InternalServerError,
+)
+
+
+def _client(settings: LLMSettings, base_url: str | None) -> openai.OpenAI:
+    # The key is read here and handed to the client only; it is never logged or written.
+    api_key = os.environ.get(settings.api_key_env) or "EMPTY"
+    return openai.OpenAI(
+        api_key=api_key, base_url=base_url, timeout=settings.timeout, max_retries=0
+    )
+
+
+def _response_format(settings: LLMSettings) -> dict | None:
+    if settings.structured_output == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "coref_lists", "schema": response_schema(), "strict": True},
+        }
+    if settings.structured_output == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None) -> ConceptLists:
+    """Ask the LLM for the concept's lists; re-ask on rule violations, retry transport errors."""
+    client = _client(settings, base_url)
+
+    @retry(
+        retry=retry_if_exception_type(_TRANSIENT),
+        stop=stop_after_attempt(settings.max_retries),
+        wait=wait_exponential(multiplier=0.5, max=settings.retry_wait_max),
+        reraise=True,
+    )
+    def ask(messages: list[dict]) -> str:
+        kwargs = {"response_format": rf} if (rf := _response_format(settings)) else {}
+        response = client.chat.completions.create(
+            model=settings.model,
+            messages=messages,
+            temperature=settings.temperature,
+            seed=settings.seed,
+            extra_body=settings.extra or None,
+            **kwargs,
+        )
+        return response.choices[0].message.content or ""
+
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": USER_PROMPT.format(
+                concept=concept.text, category=concept.category, n=LIST_LENGTH
+            ),
+        },
+    ]
+    where = f"concept {concept.text!r} ({concept.id})"
+    problems: list[str] = []
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            raw = ask(messages)
+        except _TRANSIENT as err:
+            raise LLMError(
+                f"{where}: no LLM answered at {base_url or 'the default OpenAI endpoint'} "
+                f"after {settings.max_retries} tries ({type(err).__name__}: {err})"
+            ) from err
+        except openai.APIStatusError as err:
+            raise LLMError(f"{where}: the LLM refused the request: {err}") from err
+        try:
+            answer = parse_answer(raw)
+            problems = violations(answer, concept.text)
+        except ValueError as err:
+            problems = [str(err)]
+        if not problems:
+            return ConceptLists(
+                concept=concept.text,
+                id=concept.id,
+                category=concept.category,
+                corefs=_by_certainty(answer.corefs),
+                retains=_by_certainty(answer.retains),
+                provenance=Provenance(
+                    source="llm",
+                    model=settings.model,
+                    prompt_version=PROMPT_VERSION,
+                    raw_response=raw,
+                    attempts=attempt,
+                ),
+            )
+        log.warning("%s: attempt %d rejected: %s", where, attempt, "; ".join(problems))
+        messages += [
+            {"role": "assistant", "content": raw},
+            {
+                "role": "user",
+                "content": "Your answer breaks these rules:\n- "
+                + "\n- ".join(problems)
+                + "\nAnswer again with the complete JSON object, fixing every problem.",
+            },
+        ]
+    raise LLMError(
+        f"{where}: no valid answer after {settings.max_attempts} attempts; "
+        f"last problems: {'; '.join(problems)}"
+    )
+
+
+def _by_certainty(items: list[Item]) -> list[Item]:
+    """Most certain first (the prompt asks for it; a stable sort enforces it)."""
+    order = list(CERTAINTY_WEIGHTS)
+    return sorted(
+        (Item(text=i.text.strip(), certainty=i.certainty) for i in items),
+        key=lambda i: order.index(i.certainty),
+    )

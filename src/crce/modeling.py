@@ -1,0 +1,64 @@
+"""Loading the base text-to-image model and its UNet parameters, the same for every size."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def device_for(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """`StableDiffusionPipeline.from_pretrained` (a hub id or a local diffusers folder)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            pretrained,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as err:  # diffusers raises OSError, ValueError, EnvironmentError...
+        raise ModelLoadError(
+            f"cannot load model.pretrained={pretrained!r} with StableDiffusionPipeline."
+            f"from_pretrained ({type(err).__name__}: {err}). Give a local diffusers folder or a "
+            "hub id; on a cluster without internet run the `download` target first."
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    with contextlib.suppress(Exception):
+        # SDPA is the default processor in diffusers 0.42; made explicit for clarity.
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states, as Stable Diffusion conditions on them."""
+    tokens = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(tokens)[0]

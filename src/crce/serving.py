@@ -1,0 +1,164 @@
+"""Lifecycle of the model servers a job starts (LLM, vLLM judge, fakes, toy servers).
+
+Convention shared by every server: the command is a template with `{port}` and `{model}`
+(and `{python}`, this interpreter) placeholders; the job picks a free port on 127.0.0.1,
+starts the command in its own process group, waits until `GET /v1/models` answers, and kills
+the whole group when done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """A server that exited, or did not answer before its deadline."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def render_command(template: str, *, port: int, model: str) -> str:
+    return template.format(port=port, model=model, python=shlex.quote(sys.executable))
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ManagedServer:
+    """One OpenAI-compatible server process; `start()` returns its base URL."""
+
+    def __init__(
+        self,
+        command: str,
+        model: str,
+        *,
+        startup_timeout: float = 600.0,
+        log_path: str | Path | None = None,
+    ):
+        self.command_template = command
+        self.model = model
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self.base_url: str | None = None
+        self.starts = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> str:
+        port = free_port()
+        command = render_command(self.command_template, port=port, model=self.model)
+        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log.info("starting server: %s", command)
+        self.process = subprocess.Popen(
+            command,
+            shell=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() kills children too
+        )
+        if output is not subprocess.DEVNULL:
+            output.close()
+        self.starts += 1
+        root = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"server exited with code {self.process.returncode} before answering: "
+                    f"{command}{self._log_tail()}"
+                )
+            if _answers(f"{root}/v1/models"):
+                self.base_url = f"{root}/v1"
+                log.info("server ready at %s", self.base_url)
+                return self.base_url
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(
+            f"server did not answer GET /v1/models within {self.startup_timeout:.0f} s: "
+            f"{command}{self._log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Terminate the whole process group and wait until every member is gone."""
+        if self.process is None:
+            return
+        group = self.process.pid
+        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(group):
+                self.process.poll()  # reap the direct child
+                time.sleep(0.05)
+            if not _group_alive(group):
+                break
+        self.process.poll()
+        self.process = None
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\nlast server output:\n" + "\n".join(tail)
+
+
+@contextmanager
+def served(
+    command: str | None,
+    model: str,
+    base_url: str | None,
+    *,
+    startup_timeout: float = 600.0,
+    log_path: str | Path | None = None,
+) -> Iterator[str | None]:
+    """Yield the base URL to talk to: a started server's, or `base_url` when none is started."""
+    if not command:
+        yield base_url
+        return
+    server = ManagedServer(command, model, startup_timeout=startup_timeout, log_path=log_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COREFCONCEPT = SHARED / "CorefConcept"
+FAKE_SERVER = REPO / "tests" / "fake_openai_server.py"
+
+# Two cores: pin torch threads so model tests run one at a time without oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def fake_server(tmp_path):
+    """Start the fake OpenAI server through the project's own lifecycle code."""
+    from crce.serving import ManagedServer
+
+    servers = []
+
+    def start(
+        script: list[str] | None = None, model: str = "fake", extra: str = ""
+    ) -> ManagedServer:
+        script_file = tmp_path / f"script{len(servers)}.json"
+        script_file.write_text(json.dumps(script or []))
+        command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}} --script {script_file} {extra}"
+        server = ManagedServer(command, model, startup_timeout=30, log_path=tmp_path / "server.log")
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def make_workdir(tmp_path: Path) -> Path:
+    """A fresh working directory with the workflow linked in (results/ and logs/ stay local)."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    for name in ("Snakefile", "workflow", "config", "src", "tests", "resources", "envs"):
+        target = work / name
+        if not target.exists():
+            target.symlink_to(REPO / name)
+    return work
+
+
+def snakemake(work: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "snakemake"
+    return subprocess.run(
+        [str(exe), "--cores", "2", *args],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return make_workdir(tmp_path)

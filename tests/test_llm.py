@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from crce.concepts import Concept
+from crce.llm import LLMError, LLMSettings, generate_lists, parse_answer, violations
+from crce.serving import ManagedServer, ServerError, free_port, served
+
+CAT = Concept(id="bat-animal", text="bat (animal)", category="object")
+
+
+def settings(**kw):
+    base = dict(model="fake", max_attempts=3, max_retries=3, retry_wait_max=0.05, timeout=10)
+    return LLMSettings(**{**base, **kw})
+
+
+def test_good_lists(fake_server):
+    server = fake_server(["good"])
+    lists = generate_lists(CAT, settings(), server.base_url)
+    assert len(lists.corefs) == 15 and len(lists.retains) == 15
+    assert lists.provenance.source == "llm" and lists.provenance.attempts == 1
+    assert lists.provenance.prompt_version and lists.provenance.raw_response
+    assert lists.corefs[0].text.startswith("bat (animal)")
+
+
+@pytest.mark.parametrize("bad", ["malformed", "short", "duplicates", "target", "overlap"])
+def test_rule_violations_are_re_asked(fake_server, bad):
+    server = fake_server([bad, "good"])
+    lists = generate_lists(CAT, settings(), server.base_url)
+    assert lists.provenance.attempts == 2
+    assert not violations(parse_answer(lists.provenance.raw_response), CAT.text)
+
+
+def test_fenced_json_is_accepted(fake_server):
+    server = fake_server(["fenced"])
+    lists = generate_lists(CAT, settings(), server.base_url)
+    assert lists.provenance.attempts == 1 and len(lists.corefs) == 15
+
+
+@pytest.mark.parametrize("transient", ["error500", "error429"])
+def test_transient_errors_are_retried(fake_server, transient):
+    server = fake_server([transient, transient, "good"])
+    lists = generate_lists(CAT, settings(), server.base_url)
+    assert lists.provenance.attempts == 1
+
+
+def test_slow_answer_times_out_then_retries(fake_server, monkeypatch):
+    monkeypatch.setenv("FAKE_SLOW_SECONDS", "3")
+    server = fake_server(["slow", "good"])
+    lists = generate_lists(CAT, settings(timeout=1.0), server.base_url)
+    assert len(lists.corefs) == 15
+
+
+def test_bounded_attempts_then_clear_error(fake_server):
+    server = fake_server(["short"] * 5)
+    with pytest.raises(LLMError, match=r"bat \(animal\).*no valid answer after 2 attempts.*corefs"):
+        generate_lists(CAT, settings(max_attempts=2), server.base_url)
+
+
+def test_unreachable_llm_names_the_concept():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(LLMError, match=r"'bat \(animal\)'.*no LLM answered"):
+        generate_lists(CAT, settings(max_retries=2), url)
+
+
+def test_violations_listed():
+    data = {
+        "corefs": [{"text": f"c{i}", "certainty": "High"} for i in range(14)]
+        + [{"text": "Bat (Animal)", "certainty": "Low"}],
+        "retains": [{"text": "c1", "certainty": "High"}] * 2
+        + [{"text": f"r{i}", "certainty": "Low"} for i in range(12)],
+    }
+    problems = violations(parse_answer(json.dumps(data)), CAT.text)
+    text = " | ".join(problems)
+    assert "target" in text and "retains' has 14 items" in text and "repeats 'c1'" in text
+    assert "both lists" in text
+
+
+def test_api_key_never_reaches_outputs(fake_server, tmp_path, monkeypatch):
+    secret = "sk-test-SECRET-123"
+    monkeypatch.setenv("MY_KEY", secret)
+    server = fake_server(["malformed", "good"])
+    from crce.lists import write_model
+
+    lists = generate_lists(CAT, settings(api_key_env="MY_KEY"), server.base_url)
+    write_model(lists, tmp_path / "out.json")
+    assert secret not in (tmp_path / "out.json").read_text()
+    assert secret not in (tmp_path / "server.log").read_text()
+
+
+def test_server_that_exits_fails_fast(tmp_path):
+    server = ManagedServer(
+        "echo boom; exit 3", "m", startup_timeout=30, log_path=tmp_path / "s.log"
+    )
+    with pytest.raises(ServerError, match="exited with code 3.*boom"):
+        server.start()
+
+
+def test_server_deadline(tmp_path):
+    server = ManagedServer("sleep 30", "m", startup_timeout=1, log_path=tmp_path / "s.log")
+    with pytest.raises(ServerError, match="did not answer"):
+        server.start()
+    assert server.process is None
+
+
+def test_served_stops_the_process_group(tmp_path):
+    from conftest import FAKE_SERVER
+
+    command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"
+    with served(command, "m", None, startup_timeout=30) as url:
+        assert url.startswith("http://127.0.0.1:")
+        port = int(url.split(":")[2].split("/")[0])
+    import socket
+
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0

@@ -1,0 +1,75 @@
+import pytest
+from conftest import REPO, snakemake
+
+from crce.concepts import SheetError, load_sheet, slugify
+
+
+@pytest.mark.parametrize(
+    "text, slug",
+    [
+        ("bat (animal)", "bat-animal"),
+        ("Beyoncé", "beyonce"),
+        ("Samuel L. Jackson", "samuel-l-jackson"),
+        ("Apple (company)", "apple-company"),
+        ("  SpongeBob   SquarePants ", "spongebob-squarepants"),
+    ],
+)
+def test_slugify(text, slug):
+    assert slugify(text) == slug
+
+
+def test_shipped_sheet_has_the_papers_50_concepts():
+    concepts = load_sheet(REPO / "resources" / "concepts.tsv")
+    counts = {c: sum(1 for x in concepts if x.category == c) for c in ("object", "ip", "celebrity")}
+    assert counts == {"object": 20, "ip": 15, "celebrity": 15}
+    by_text = {c.text: c for c in concepts}
+    assert by_text["bat (animal)"].id == "bat-animal"
+    assert by_text["Apple (company)"].category == "object"
+    assert len({c.id for c in concepts}) == 50
+
+
+BAD_SHEETS = {
+    "duplicate concept": ("cat\tobject\nCat\tobject\n", "line 3", "duplicate concept"),
+    "duplicate id": ("bat (animal)\tobject\nbat animal\tobject\n", "line 3", "duplicate id"),
+    "unknown category": ("cat\tanimal\n", "line 2", "unknown category"),
+    "empty text": ("cat\tobject\n\tobject\n", "line 3", "empty concept"),
+    "id escapes": ("cat\tobject\t../x\n", "line 2", "not path-safe"),
+    "id with slash": ("cat\tobject\ta/b\n", "line 2", "not path-safe"),
+}
+
+
+def _write(tmp_path, body):
+    header = (
+        "concept\tcategory\tid\n" if body.count("\t") > body.count("\n") else "concept\tcategory\n"
+    )
+    path = tmp_path / "sheet.tsv"
+    path.write_text(header + body)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SHEETS))
+def test_bad_rows_are_named(tmp_path, name):
+    body, where, problem = BAD_SHEETS[name]
+    with pytest.raises(SheetError) as err:
+        load_sheet(_write(tmp_path, body))
+    message = str(err.value)
+    assert where.replace("line ", ":") in message and problem in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SHEETS))
+def test_bad_sheet_stops_the_workflow_before_any_job(workdir, tmp_path, name):
+    body, where, problem = BAD_SHEETS[name]
+    sheet = _write(tmp_path, body)
+    result = snakemake(workdir, "-n", "splits", "--config", f"concepts={sheet}")
+    assert result.returncode != 0
+    lines = [line for line in result.stdout.splitlines() if problem in line]
+    assert len(lines) == 1 and where.replace("line ", ":") in lines[0]
+    assert not (workdir / "results").exists()
+
+
+def test_missing_column(tmp_path):
+    path = tmp_path / "s.tsv"
+    path.write_text("name\tcategory\ncat\tobject\n")
+    with pytest.raises(SheetError, match="missing column"):
+        load_sheet(path)

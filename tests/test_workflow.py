@@ -1,0 +1,154 @@
+"""The workflow as Snakemake sees it: config overlays, DAG shape, add-a-row, lint."""
+
+import re
+import shutil
+
+import pytest
+import yaml
+from conftest import COREFCONCEPT, REPO, snakemake
+from snakemake.utils import update_config
+
+SCALE_KEYS = [
+    ("model", "pretrained"),
+    ("llm", "serve"),
+    ("judge", "serve"),
+    ("concepts",),
+    ("train", "iterations"),
+    ("sample", "images_per_prompt"),
+    ("sample", "resolution"),
+]
+
+
+def resolved(overlay: str) -> tuple[dict, dict]:
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(merged, yaml.safe_load((REPO / "config" / overlay).read_text()))
+    return base, merged
+
+
+def get(config, keys):
+    for key in keys:
+        config = config[key]
+    return config
+
+
+@pytest.mark.parametrize(
+    "overlay", [p.name for p in sorted((REPO / "config").glob("*.yaml")) if p.name != "config.yaml"]
+)
+def test_overlay_overrides_every_scale_key(overlay):
+    base, merged = resolved(overlay)
+    for keys in SCALE_KEYS:
+        assert get(merged, keys) != get(base, keys), f"{overlay} does not override {'.'.join(keys)}"
+
+
+@pytest.mark.parametrize(
+    "overlay",
+    ["config.yaml"] + [p.name for p in (REPO / "config").glob("*.yaml") if p.name != "config.yaml"],
+)
+def test_configs_validate_against_the_schema(overlay):
+    from snakemake.utils import validate
+
+    base, merged = (
+        resolved(overlay)
+        if overlay != "config.yaml"
+        else (None, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    )
+    validate(merged, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def test_every_config_key_is_commented():
+    """Each leaf key has an inline comment or a comment above its run of sibling keys."""
+    lines = (REPO / "config" / "config.yaml").read_text().splitlines()
+    leaf = re.compile(r"^(\s*)[a-z_-]+:\s*\S")
+    in_methods = False
+    for n, line in enumerate(lines):
+        if re.match(r"^[a-z]", line):
+            in_methods = line.startswith("methods:")
+        if in_methods or not leaf.match(line) or "#" in line:
+            continue
+        k = n - 1
+        while k >= 0 and leaf.match(lines[k]) and "#" not in lines[k]:
+            k -= 1
+        assert k >= 0 and lines[k].strip().startswith("#"), (
+            f"config.yaml:{n + 1} {line.strip()!r} has no comment"
+        )
+
+
+def planned(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_dry_run_plans_50_corefs_and_50_splits(workdir):
+    result = snakemake(workdir, "-n", "splits")
+    assert result.returncode == 0, result.stdout
+    counts = planned(result.stdout)
+    assert counts["coref_lists"] == 50 and counts["split"] == 50
+
+
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    assert result.returncode == 0, result.stdout
+
+
+def test_unknown_strategy_fails_at_parse_time(workdir):
+    result = snakemake(workdir, "-n", "splits", "--config", "methods={'x': {'strategy': 'magic'}}")
+    assert result.returncode != 0 and "magic" in result.stdout
+
+
+@pytest.mark.slow
+def test_adding_a_row_plans_only_that_concept(workdir):
+    sheet = workdir / "sheet.tsv"
+    shutil.copy(REPO / "tests" / "data" / "concepts.tsv", sheet)
+    args = ["--configfile", "config/test.yaml", "--config", f"concepts={sheet}"]
+    first = snakemake(workdir, "splits", *args)
+    assert first.returncode == 0, first.stdout
+    assert len(list((workdir / "results" / "splits").glob("*.json"))) == 4
+    again = snakemake(workdir, "-n", "splits", *args)
+    assert "Nothing to be done" in again.stdout
+    with sheet.open("a") as handle:
+        handle.write("Tom Hanks\tcelebrity\n")
+    result = snakemake(workdir, "-n", "splits", *args)
+    counts = planned(result.stdout)
+    assert counts == {"coref_lists": 1, "split": 1, "splits": 1, "total": 3}, result.stdout
+    before = {p.name: p.stat().st_mtime_ns for p in (workdir / "results" / "splits").glob("*.json")}
+    assert snakemake(workdir, "splits", *args).returncode == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (workdir / "results" / "splits").glob("*.json")}
+    assert set(after) - set(before) == {"tom-hanks.json"}
+    assert all(after[name] == mtime for name, mtime in before.items())
+
+
+@pytest.mark.slow
+def test_corefconcept_without_llm(workdir, tmp_path):
+    """Objects and IPs get the dataset's split; a celebrity fails alone, naming itself."""
+    sheet = tmp_path / "sheet.tsv"
+    sheet.write_text(
+        "concept\tcategory\ndeer\tobject\ntruck\tobject\nApple (company)\tobject\nBatman\tip\nTom Hanks\tcelebrity\n"
+    )
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "concepts": str(sheet),
+                "corefs": {"corefconcept_dir": str(COREFCONCEPT), "curated_dir": None},
+                "llm": {
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "max_retries": 2,
+                    "retry_wait_max": 0.1,
+                },
+            }
+        )
+    )
+    result = snakemake(workdir, "--keep-going", "splits", "--configfile", str(overlay))
+    assert result.returncode != 0
+    splits = sorted(p.stem for p in (workdir / "results" / "splits").glob("*.json"))
+    assert splits == ["apple-company", "batman", "deer", "truck"]
+    log = (workdir / "logs" / "corefs" / "tom-hanks.log").read_text()
+    assert "Tom Hanks" in log and "no LLM answered" in log
+    failed = re.findall(r"Error in rule (\w+):", result.stdout)
+    assert failed == ["coref_lists"]

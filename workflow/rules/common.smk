@@ -1,0 +1,92 @@
+# The concept sheet, config validation and every input function of the workflow.
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Parse-time helpers need no installed package (the submit host may not have one).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from crce.concepts import SheetError, load_sheet
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+try:
+    CONCEPTS = {c.id: c for c in load_sheet(config["concepts"])}
+except SheetError as err:
+    raise WorkflowError(f"bad concept sheet: {err}") from None
+
+METHODS = config["methods"]
+TRAINED_METHODS = [m for m, spec in METHODS.items() if spec["strategy"] != "none"]
+CATEGORIES = sorted({c.category for c in CONCEPTS.values()})
+
+
+wildcard_constraints:
+    concept=r"[a-z0-9][a-z0-9_-]*",
+    method=r"[a-z0-9][a-z0-9_-]*",
+
+
+def concept_row(wildcards):
+    """The sheet row, passed as a param: a per-concept rule never takes the sheet as input."""
+    return asdict(CONCEPTS[wildcards.concept])
+
+
+def curated_lists(wildcards):
+    curated_dir = config["corefs"].get("curated_dir")
+    path = Path(curated_dir or "", f"{wildcards.concept}.json")
+    return [str(path)] if curated_dir and path.is_file() else []
+
+
+def base_model(wildcards=None):
+    """The base model folder when the workflow builds it (tiny/toy worlds), else nothing."""
+    return [config["model"]["pretrained"]] if config["model"].get("build") else []
+
+
+def method_spec(wildcards):
+    return METHODS[wildcards.method]
+
+
+def trained_delta(wildcards):
+    """A trained method's delta; the `sd` baseline samples the base model."""
+    if METHODS[wildcards.method]["strategy"] == "none":
+        return []
+    return [f"results/models/{wildcards.method}/{wildcards.concept}/delta.safetensors"]
+
+
+def concept_manifests(wildcards):
+    return [f"results/images/{m}/{wildcards.concept}/manifest.parquet" for m in METHODS]
+
+
+def all_corefs():
+    return expand("results/corefs/{concept}.json", concept=CONCEPTS)
+
+
+def all_splits():
+    return expand("results/splits/{concept}.json", concept=CONCEPTS)
+
+
+def all_models():
+    return expand(
+        "results/models/{method}/{concept}/delta.safetensors",
+        method=TRAINED_METHODS,
+        concept=CONCEPTS,
+    )
+
+
+def all_manifests():
+    return expand(
+        "results/images/{method}/{concept}/manifest.parquet",
+        method=METHODS,
+        concept=CONCEPTS,
+    )
+
+
+def all_judgments():
+    return expand(
+        "results/judgments/{method}/{concept}.parquet", method=METHODS, concept=CONCEPTS
+    )
+
+
+def all_clip_distances():
+    return expand("results/clip_distances/{concept}.csv", concept=CONCEPTS)
