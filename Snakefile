@@ -9,6 +9,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/corefs.smk"
+include: "workflow/rules/erase.smk"
 
 
 rule all:
@@ -24,3 +25,8 @@ rule corefs:
 rule splits:
     input:
         all_splits(),
+
+
+rule models:
+    input:
+        all_models(),

@@ -66,3 +66,28 @@ def snakemake(work: Path, *args: str, timeout: float = 1200) -> subprocess.Compl
 @pytest.fixture
 def workdir(tmp_path):
     return make_workdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random SD pipeline on disk, built once, loaded through from_pretrained."""
+    from crce.tiny import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0))
+
+
+@pytest.fixture(scope="session")
+def cat_split():
+    from crce.lists import Certainty, ConceptLists, Item, Provenance
+    from crce.split import make_split
+
+    levels = list(Certainty)
+    lists = ConceptLists(
+        concept="cat",
+        id="cat",
+        category="object",
+        corefs=[Item(text=f"kitty number {i}", certainty=levels[i // 3]) for i in range(15)],
+        retains=[Item(text=f"dog breed {i}", certainty=levels[i // 3]) for i in range(15)],
+        provenance=Provenance(source="llm"),
+    )
+    return make_split(lists, seed=0)

@@ -52,7 +52,7 @@ def build_tokenizer(words: list[str], folder: str | Path, max_length: int = 77) 
     vocab.setdefault("<|endoftext|>", len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+        "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
     )
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}),

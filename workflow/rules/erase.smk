@@ -1,0 +1,25 @@
+# Erasure fine-tuning: one GPU job per trained method and concept.
+
+
+rule erase:
+    input:
+        split="results/splits/{concept}.json",
+        model=base_model,
+    output:
+        delta="results/models/{method}/{concept}/delta.safetensors",
+        record="results/models/{method}/{concept}/train.json",
+    log:
+        "logs/erase/{method}/{concept}.log",
+    retries: 2
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        concept=concept_row,
+        method_spec=method_spec,
+        # Not an output: Snakemake deletes a failed job's outputs, checkpoints must survive.
+        checkpoint_dir="results/.checkpoints/{method}/{concept}",
+    script:
+        "../scripts/erase.py"
