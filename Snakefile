@@ -1,6 +1,7 @@
 # CRCE concept-erasure study: sheet -> lists -> splits -> erased models -> images -> judgments
 # -> metrics -> Table 1. `snakemake --profile slurm results/table1.csv` runs the paper's study;
-# `--configfile config/test.yaml` or `config/demo.yaml` run smaller worlds with the same rules.
+# `--configfile=config/demo.yaml` or `--configfile=config/test.yaml` run smaller worlds with
+# the same rules.
 
 
 configfile: "config/config.yaml"
@@ -10,11 +11,17 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/corefs.smk"
 include: "workflow/rules/erase.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/judge.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/download.smk"
 
 
 rule all:
     input:
-        all_splits(),
+        "results/table1.csv",
+        all_figures(),
+        all_clip_distances(),
 
 
 rule corefs:
@@ -30,3 +37,20 @@ rule splits:
 rule models:
     input:
         all_models(),
+
+
+# Images only: no judging, metrics or figures.
+rule images:
+    input:
+        all_manifests(),
+
+
+rule judgments:
+    input:
+        all_judgments(),
+
+
+rule table1:
+    input:
+        "results/table1.csv",
+        all_figures(),

@@ -90,3 +90,9 @@ def all_judgments():
 
 def all_clip_distances():
     return expand("results/clip_distances/{concept}.csv", concept=CONCEPTS)
+
+
+def all_figures():
+    return expand("results/figures/grids/{concept}.png", concept=CONCEPTS) + expand(
+        "results/figures/bars/{category}.png", category=CATEGORIES
+    )

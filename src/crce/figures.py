@@ -1,0 +1,71 @@
+"""Figures: a per-concept image grid (paper Fig. 1/5) and a bar chart per category."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .metrics import METRICS, method_order  # noqa: E402
+
+GRID_COLUMNS = (("target", 1), ("coref_test", 2), ("retain_test", 2))
+
+
+def concept_grid(manifests: list[str], labels: dict[str, str], output: str) -> None:
+    """Rows = methods; columns = target, two corefs, two retains; the same seed down a column."""
+    frames = {m: pd.read_parquet(m) for m in manifests}
+    methods = {frame["method"].iloc[0]: frame for frame in frames.values()}
+    order = method_order(list(methods), labels)
+    first = methods[order[0]]
+    columns = []
+    for group, count in GRID_COLUMNS:
+        prompts = first[first["group"] == group]["prompt"].drop_duplicates().tolist()[:count]
+        columns += [(group, p) for p in prompts]
+    fig, axes = plt.subplots(
+        len(order), len(columns), figsize=(2 * len(columns), 2 * len(order)), squeeze=False
+    )
+    for r, method in enumerate(order):
+        frame = methods[method]
+        for c, (group, prompt) in enumerate(columns):
+            ax = axes[r][c]
+            row = frame[(frame["prompt"] == prompt) & (frame["image_index"] == 0)].iloc[0]
+            ax.imshow(Image.open(row["path"]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{group}\n{prompt}"[:48], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(labels.get(method, method), fontsize=8)
+    fig.suptitle(first["concept_text"].iloc[0])
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def category_bars(metrics_path: str, methods: dict, category: str, output: str) -> None:
+    metrics = pd.read_parquet(metrics_path)
+    labels = {m: spec.get("label", m) for m, spec in methods.items()}
+    metrics = metrics[metrics["category"] == category]
+    means = metrics.groupby(["method", "metric"])["accuracy"].mean() * 100
+    order = method_order(list(methods), labels)
+    names = list(METRICS.values())
+    width = 0.8 / max(1, len(order))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for k, method in enumerate(order):
+        values = [means.get((method, m), float("nan")) for m in names]
+        ax.bar([i + k * width for i in range(len(names))], values, width, label=labels[method])
+    ax.set_xticks([i + width * (len(order) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{category}: U and C lower is better, R higher is better")
+    ax.legend(fontsize=7, ncols=min(4, len(order)))
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)

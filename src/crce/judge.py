@@ -1,0 +1,239 @@
+"""VLM judging through an OpenAI-compatible server (vLLM serving Qwen2-VL by default).
+
+Every answer is appended to a per-concept cache as soon as it arrives, keyed by (image
+content hash, question, judge model, prompt version): a killed job, a dead server or a rerun
+after adding a method or concept never loses a judged row nor judges it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import openai
+import pandas as pd
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tqdm import tqdm
+
+from .serving import ManagedServer
+
+log = logging.getLogger(__name__)
+
+CHOICES = ["yes", "no"]
+_TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+def image_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def question_text(template: str, concept: str) -> str:
+    return template.replace("<X>", concept)
+
+
+def cache_key(sha: str, question: str, model: str, prompt_version: str) -> str:
+    return json.dumps([sha, question, model, prompt_version])
+
+
+class JudgmentCache:
+    """Append-only JSON-lines file; each line is one judged image."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: that image is judged again
+                self.rows[row["key"]] = row
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, row: dict) -> None:
+        self.rows[row["key"]] = row
+        self._handle.write(json.dumps(row) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def p_yes_from(choice) -> float | None:
+    """P(yes) from the first token's top logprobs, normalised over the yes/no mass."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    mass = {"yes": 0.0, "no": 0.0}
+    for top in content[0].top_logprobs or []:
+        token = top.token.strip().lower()
+        if token in mass:
+            mass[token] += math.exp(top.logprob)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
+def request_body(model: str, image_path: str | Path, question: str) -> dict:
+    encoded = base64.b64encode(Path(image_path).read_bytes()).decode()
+    return {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": True,
+        "top_logprobs": 20,
+        # vLLM's constrained decoding (guided_choice was removed in vLLM 0.12).
+        "extra_body": {"structured_outputs": {"choice": CHOICES}},
+    }
+
+
+async def _judge_rows(
+    rows: list[dict], *, base_url: str, settings: dict, cache: JudgmentCache, progress: bool
+) -> None:
+    client = openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=os.environ.get(settings.get("api_key_env", "VLLM_API_KEY")) or "EMPTY",
+        timeout=settings.get("timeout", 120),
+        max_retries=0,
+    )
+    semaphore = asyncio.Semaphore(settings.get("concurrency", 32))
+    bar = tqdm(total=len(rows), disable=not progress, unit="img")
+
+    async def one(row: dict) -> None:
+        async with semaphore:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_TRANSIENT),
+                stop=stop_after_attempt(settings.get("max_retries", 4)),
+                wait=wait_exponential(multiplier=0.2, max=5),
+                reraise=True,
+            ):
+                with attempt:
+                    response = await client.chat.completions.create(
+                        **request_body(settings["model"], row["path"], row["question_text"])
+                    )
+        choice = response.choices[0]
+        answer = (choice.message.content or "").strip().lower()
+        if answer not in CHOICES:
+            raise ValueError(f"judge answered {answer!r} for {row['path']}; expected yes/no")
+        p_yes = p_yes_from(choice)
+        cache.add(
+            {
+                "key": row["key"],
+                "answer": answer,
+                "p_yes": p_yes if p_yes is not None else float(answer == "yes"),
+                "judge_model": settings["model"],
+                "prompt_version": settings["prompt_version"],
+            }
+        )
+        bar.update()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for row in rows:
+                group.create_task(one(row))
+    finally:
+        bar.close()
+        await client.close()
+
+
+def judge_manifests(
+    manifests: list[str],
+    outputs: list[str],
+    *,
+    settings: dict,
+    cache_path: str | Path,
+    server_log: str | Path | None = None,
+    progress: bool = True,
+) -> None:
+    """Judge every image of a concept's manifests (all methods) with one server start."""
+    frames = [pd.read_parquet(m) for m in manifests]
+    everything = pd.concat(frames, ignore_index=True)
+    everything["image_sha256"] = [image_sha256(p) for p in everything["path"]]
+    everything["question_text"] = [
+        question_text(settings["prompt"], q) for q in everything["question"]
+    ]
+    everything["key"] = [
+        cache_key(sha, q, settings["model"], settings["prompt_version"])
+        for sha, q in zip(everything["image_sha256"], everything["question_text"], strict=True)
+    ]
+    cache = JudgmentCache(cache_path)
+    try:
+        pending = [r for r in everything.to_dict("records") if r["key"] not in cache]
+        unique = list({r["key"]: r for r in pending}.values())
+        log.info(
+            "%d images, %d already judged, %d to judge",
+            len(everything),
+            len(everything) - len(pending),
+            len(unique),
+        )
+        if unique:
+            _judge_with_server(unique, settings, cache, server_log, progress)
+    finally:
+        cache.close()
+    answers = pd.DataFrame([cache.rows[k] for k in everything["key"]])
+    judged = pd.concat([everything.drop(columns=["key"]), answers.drop(columns=["key"])], axis=1)
+    for manifest, output in zip(manifests, outputs, strict=True):
+        method = pd.read_parquet(manifest, columns=["method"])["method"].iloc[0]
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        judged[judged["method"] == method].to_parquet(output, index=False)
+
+
+def _run(coroutine) -> None:
+    """asyncio.run that surfaces the first failure of a task group as itself."""
+    try:
+        asyncio.run(coroutine)
+    except ExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+def _judge_with_server(rows, settings, cache, server_log, progress) -> None:
+    def judge(pending, base_url):
+        _run(
+            _judge_rows(
+                pending, base_url=base_url, settings=settings, cache=cache, progress=progress
+            )
+        )
+
+    if not settings.get("serve"):
+        judge(rows, settings["base_url"])
+        return
+    server = ManagedServer(
+        settings["serve"],
+        settings["model"],
+        startup_timeout=settings.get("startup_timeout", 1800),
+        log_path=server_log,
+    )
+    try:
+        base_url = server.start()
+        try:
+            judge(rows, base_url)
+        except _TRANSIENT:
+            if server.alive:
+                raise
+            log.warning("judge server died mid-run; restarting it once for the unjudged images")
+            base_url = server.restart()
+            judge([r for r in rows if r["key"] not in cache], base_url)
+    finally:
+        server.stop()

@@ -1,0 +1,153 @@
+"""Metrics (long table), Table 1 in the paper's layout, and the comparison with the paper."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = {
+    "target": "Acc_U",
+    "coref_train": "Acc_C_train",
+    "coref_test": "Acc_C_test",
+    "retain_train": "Acc_R_train",
+    "retain_test": "Acc_R_test",
+}
+CATEGORIES = ("object", "ip", "celebrity")
+# The paper's Table 1 row order; labels come from each method's config.
+PAPER_ORDER = ("SD", "ESD-x", "MACE", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE")
+# Paper, Table 1 (percent): category -> U, C-train, C-test, R-train, R-test.
+PAPER_TABLE1 = {
+    "SD": {
+        "object": (83.33, 87.22, 91.60, 81.17, 80.63),
+        "ip": (88.33, 37.46, 30.13, 86.80, 86.75),
+        "celebrity": (90.90, 17.12, 17.94, 92.64, 93.24),
+    },
+    "ESD-x": {
+        "object": (3.33, 37.72, 39.92, 73.82, 69.89),
+        "ip": (3.33, 10.67, 7.73, 62.8, 71.16),
+        "celebrity": (1.81, 11.09, 10.76, 72.9, 68.37),
+    },
+    "CRCE": {
+        "object": (1.25, 12.81, 26.31, 85.20, 79.56),
+        "ip": (0.00, 6.27, 7.46, 78.80, 80.25),
+        "celebrity": (1.81, 2.04, 1.29, 87.35, 87.02),
+    },
+}
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def compute_metrics(judgments: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """One row per (method, concept, group): accuracy = share of 'yes' answers."""
+    rows = []
+    keys = ["method", "concept", "category", "group"]
+    for (method, concept, category, group), frame in judgments.groupby(keys, sort=False):
+        yes = int((frame["answer"] == "yes").sum())
+        n = len(frame)
+        low, high = wilson(yes, n)
+        rows.append(
+            {
+                "method": method,
+                "label": labels.get(method, method),
+                "concept": concept,
+                "category": category,
+                "group": group,
+                "metric": METRICS[group],
+                "n": n,
+                "accuracy": yes / n,
+                "ci_low": low,
+                "ci_high": high,
+                "mean_p_yes": float(frame["p_yes"].mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def method_order(methods: list[str], labels: dict[str, str]) -> list[str]:
+    """The paper's rows first, in its order; other methods follow in config order."""
+    rank = {label: i for i, label in enumerate(PAPER_ORDER)}
+    known = sorted((m for m in methods if labels[m] in rank), key=lambda m: rank[labels[m]])
+    return known + [m for m in methods if labels[m] not in rank]
+
+
+def table1(metrics: pd.DataFrame, methods: list[str], labels: dict[str, str]) -> pd.DataFrame:
+    """Rows = methods; columns `{category}/{metric}`: mean over the category's concepts, in %."""
+    categories = [c for c in CATEGORIES if c in set(metrics["category"])]
+    means = metrics.groupby(["method", "category", "metric"])["accuracy"].mean() * 100
+    rows = []
+    for method in method_order(methods, labels):
+        row = {"method": labels[method]}
+        for category in categories:
+            for metric in METRICS.values():
+                value = means.get((method, category, metric), math.nan)
+                row[f"{category}/{metric}"] = round(float(value), 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def versus_paper(table: pd.DataFrame) -> pd.DataFrame:
+    """Our Table 1 beside the paper's, for the methods and categories both have."""
+    rows = []
+    for _, row in table.iterrows():
+        paper = PAPER_TABLE1.get(row["method"])
+        if not paper:
+            continue
+        for category, values in paper.items():
+            for metric, theirs in zip(METRICS.values(), values, strict=True):
+                column = f"{category}/{metric}"
+                if column in row:
+                    ours = row[column]
+                    rows.append(
+                        {
+                            "method": row["method"],
+                            "category": category,
+                            "metric": metric,
+                            "ours": ours,
+                            "paper": theirs,
+                            "difference": round(ours - theirs, 2),
+                        }
+                    )
+    columns = ["method", "category", "metric", "ours", "paper", "difference"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = [
+        "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def run(
+    *,
+    judgments: list[str],
+    methods: dict,
+    metrics_out: str,
+    table_out: str,
+    markdown_out: str,
+    paper_out: str,
+) -> None:
+    """The `metrics` rule: inputs are exactly the configured methods x the sheet's concepts."""
+    frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
+    labels = {m: spec.get("label", m) for m, spec in methods.items()}
+    metrics = compute_metrics(frames, labels)
+    Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
+    metrics.to_parquet(metrics_out, index=False)
+    table = table1(metrics, list(methods), labels)
+    table.to_csv(table_out, index=False, float_format="%.2f")
+    Path(markdown_out).write_text(markdown(table))
+    versus_paper(table).to_csv(paper_out, index=False, float_format="%.2f")

@@ -1,0 +1,198 @@
+"""Evaluation sampling: 31 prompts x N images per concept and method, batched and resumable.
+
+Each (prompt, image index) has one seed, the same for every method, so each erased image has
+a paired baseline image from the same initial noise. Images are written atomically one by one;
+a retried job keeps them and samples only the missing ones. A folder whose settings changed
+(another delta, model, prompt list or sampler setting) is cleared first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .lists import Split
+from .modeling import device_for, load_pipeline, torch_dtype
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("target", "coref_train", "coref_test", "retain_train", "retain_test")
+FINGERPRINT = ".sampling.json"
+
+
+def image_seed(base_seed: int, concept_id: str, prompt: str, image_index: int) -> int:
+    """One seed per (prompt, image index), independent of the method."""
+    digest = hashlib.sha256(f"{base_seed}:{concept_id}:{prompt}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def judge_question(group: str, prompt: str, target: str, retain_question: str) -> str:
+    """The concept <X> the judge is asked about: the target for target and coref images (does
+    the erased concept still appear?), the retain's own text for retain images (is it still
+    drawn?) unless `retain_question` is 'target'."""
+    if group.startswith("retain") and retain_question == "retain":
+        return prompt
+    return target
+
+
+def plan_images(
+    split: Split, *, method: str, seed: int, images_per_prompt: int, retain_question: str
+) -> pd.DataFrame:
+    rows = []
+    prompts = [("target", split.concept)]
+    for group in GROUPS[1:]:
+        prompts += [(group, item.text) for item in getattr(split, group)]
+    for prompt_index, (group, prompt) in enumerate(prompts):
+        for image_index in range(images_per_prompt):
+            rows.append(
+                {
+                    "method": method,
+                    "concept": split.id,
+                    "concept_text": split.concept,
+                    "category": split.category,
+                    "group": group,
+                    "prompt_index": prompt_index,
+                    "prompt": prompt,
+                    "question": judge_question(group, prompt, split.concept, retain_question),
+                    "image_index": image_index,
+                    "seed": image_seed(seed, split.id, prompt, image_index),
+                    "path": f"{prompt_index:02d}-{group}/{image_index:04d}.png",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _file_sha256(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare_folder(folder: Path, fingerprint: dict) -> None:
+    marker = folder / FINGERPRINT
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return  # a retry of the same job: keep what was written
+    if folder.exists():
+        log.info("clearing %s (new run or changed settings)", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    marker.write_text(json.dumps(fingerprint, indent=2))
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray((array * 255).round().astype("uint8")).save(tmp)
+    tmp.replace(path)  # a half-written image never counts as done
+
+
+def load_erased_pipeline(pretrained: str, delta: str | None, *, dtype, device):
+    from safetensors.torch import load_file
+
+    pipe = load_pipeline(pretrained, dtype=dtype, device=device)
+    if delta:
+        result = pipe.unet.load_state_dict(load_file(delta), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{delta}: tensors not in the UNet: {result.unexpected_keys[:5]}")
+    return pipe
+
+
+def sample_images(
+    pipe,
+    plan: pd.DataFrame,
+    folder: Path,
+    *,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    batch_size: int,
+    progress: bool = True,
+) -> dict:
+    todo = plan[[not (folder / p).exists() for p in plan["path"]]]
+    log.info("%d of %d images to sample (%d kept)", len(todo), len(plan), len(plan) - len(todo))
+    started = time.perf_counter()
+    batches = range(0, len(todo), batch_size)
+    for start in tqdm(batches, disable=not progress, unit="batch"):
+        batch = todo.iloc[start : start + batch_size]
+        # CPU generators: the same initial noise on any device.
+        generators = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
+        images = pipe(
+            prompt=list(batch["prompt"]),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="np",
+        ).images
+        for array, relative in zip(images, batch["path"], strict=True):
+            _save_png(array, folder / relative)
+    elapsed = time.perf_counter() - started
+    return {"sampled": len(todo), "seconds": elapsed}
+
+
+def run(
+    *,
+    split_path: str,
+    method: str,
+    config: dict,
+    delta: str | None,
+    manifest: str,
+) -> None:
+    """The `sample` rule."""
+    from .lists import read_split
+
+    split = read_split(split_path)
+    s = config["sample"]
+    plan = plan_images(
+        split,
+        method=method,
+        seed=config["seed"],
+        images_per_prompt=s["images_per_prompt"],
+        retain_question=config["judge"].get("retain_question", "retain"),
+    )
+    folder = Path(manifest).parent
+    fingerprint = {
+        "model": config["model"]["pretrained"],
+        "delta_sha256": _file_sha256(delta),
+        "settings": {k: s[k] for k in ("steps", "guidance", "resolution", "precision")},
+        "plan_sha256": hashlib.sha256(
+            plan[["prompt", "seed", "path"]].to_json().encode()
+        ).hexdigest(),
+    }
+    _prepare_folder(folder, fingerprint)
+    device = device_for(s.get("device", "auto"))
+    dtype = torch_dtype(s["precision"]) if device.type == "cuda" else torch.float32
+    pipe = load_erased_pipeline(config["model"]["pretrained"], delta, dtype=dtype, device=device)
+    stats = sample_images(
+        pipe,
+        plan,
+        folder,
+        steps=s["steps"],
+        guidance=s["guidance"],
+        resolution=s["resolution"],
+        batch_size=s["batch_size"],
+    )
+    plan["path"] = [str(folder / p) for p in plan["path"]]
+    plan.to_parquet(manifest, index=False)
+    if stats["sampled"]:
+        log.info(
+            "%d images in %.1f s (%.2f images/s)",
+            stats["sampled"],
+            stats["seconds"],
+            stats["sampled"] / stats["seconds"],
+        )

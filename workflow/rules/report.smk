@@ -1,0 +1,63 @@
+# Metrics, Table 1, figures and the text-space distance table (light, no GPU).
+
+
+rule metrics:
+    input:
+        all_judgments(),
+    output:
+        metrics="results/metrics.parquet",
+        table=report("results/table1.csv", category="Table 1"),
+        markdown="results/table1.md",
+        paper=report("results/table1_vs_paper.csv", category="Table 1"),
+    log:
+        "logs/metrics.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        methods=METHODS,
+    script:
+        "../scripts/metrics.py"
+
+
+rule concept_figure:
+    input:
+        concept_manifests,
+    output:
+        report("results/figures/grids/{concept}.png", category="Image grids"),
+    log:
+        "logs/figures/grids/{concept}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        methods=METHODS,
+    script:
+        "../scripts/concept_figure.py"
+
+
+rule category_figure:
+    input:
+        "results/metrics.parquet",
+    output:
+        report("results/figures/bars/{category}.png", category="Bar charts"),
+    log:
+        "logs/figures/bars/{category}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        methods=METHODS,
+    script:
+        "../scripts/category_figure.py"
+
+
+rule clip_distances:
+    input:
+        split="results/splits/{concept}.json",
+        model=base_model,
+    output:
+        report("results/clip_distances/{concept}.csv", category="Text-space distances"),
+    log:
+        "logs/clip_distances/{concept}.log",
+    conda:
+        "../../envs/sample.yaml"
+    script:
+        "../scripts/clip_distances.py"

@@ -1,0 +1,20 @@
+# Evaluation images: 31 prompts x sample.images_per_prompt per method and concept.
+
+
+rule sample:
+    input:
+        split="results/splits/{concept}.json",
+        delta=trained_delta,
+        model=base_model,
+    output:
+        "results/images/{method}/{concept}/manifest.parquet",
+    log:
+        "logs/sample/{method}/{concept}.log",
+    retries: 2
+    conda:
+        "../../envs/sample.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    script:
+        "../scripts/sample.py"

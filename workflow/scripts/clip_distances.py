@@ -1,0 +1,9 @@
+from crce.clip import run
+from crce.logs import job_log
+
+with job_log(snakemake.log[0]):
+    run(
+        split_path=snakemake.input.split,
+        pretrained=snakemake.config["model"]["pretrained"],
+        output=snakemake.output[0],
+    )
