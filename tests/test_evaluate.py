@@ -1,0 +1,272 @@
+"""Sampling, judging and metrics on the tiny model and the fake vLLM-shaped server."""
+
+import json
+import math
+import shlex
+
+import httpx2
+import pandas as pd
+import pytest
+import yaml
+from conftest import FAKE_SERVER, REPO
+
+from crce.judge import JudgmentCache, judge_manifests, request_body
+from crce.metrics import compute_metrics, table1, versus_paper, wilson
+from crce.modeling import load_pipeline
+from crce.sample import plan_images, sample_images
+from crce.sample import run as sample_run
+from crce.serving import render_command
+
+
+def test_vllm_command_from_the_default_config():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    judge = config["judge"]
+    argv = shlex.split(render_command(judge["serve"], port=8123, model=judge["model"]))
+    assert argv == [
+        "vllm", "serve", "Qwen/Qwen2-VL-7B-Instruct",
+        "--host", "127.0.0.1", "--port", "8123",
+        "--served-model-name", "Qwen/Qwen2-VL-7B-Instruct",
+        "--max-model-len", "4096",
+        "--limit-mm-per-prompt", '{"image":1}',
+        "--gpu-memory-utilization", "0.9",
+    ]  # fmt: skip
+
+
+def test_plan_has_31_prompts_and_method_independent_seeds(cat_split):
+    a = plan_images(cat_split, method="sd", seed=42, images_per_prompt=3, retain_question="retain")
+    b = plan_images(
+        cat_split, method="crce", seed=42, images_per_prompt=3, retain_question="retain"
+    )
+    assert a["prompt"].nunique() == 31 and len(a) == 93
+    assert a["group"].value_counts().to_dict() == {
+        "target": 3,
+        "coref_train": 30,
+        "coref_test": 15,
+        "retain_train": 30,
+        "retain_test": 15,
+    }
+    assert list(a["seed"]) == list(b["seed"]) and a["seed"].nunique() == 93
+    retain = a[a["group"] == "retain_test"].iloc[0]
+    coref = a[a["group"] == "coref_test"].iloc[0]
+    assert retain["question"] == retain["prompt"] and coref["question"] == "cat"
+    t = plan_images(cat_split, method="sd", seed=42, images_per_prompt=1, retain_question="target")
+    assert set(t["question"]) == {"cat"}
+
+
+def test_retried_sampling_keeps_written_images(tiny_model, cat_split, tmp_path):
+    pipe = load_pipeline(tiny_model)
+    plan = plan_images(
+        cat_split, method="sd", seed=1, images_per_prompt=1, retain_question="retain"
+    ).head(6)
+    kw = dict(steps=2, guidance=7.5, resolution=32, batch_size=4, progress=False)
+    assert sample_images(pipe, plan, tmp_path, **kw)["sampled"] == 6
+    kept = {p: (tmp_path / p).stat().st_mtime_ns for p in plan["path"][:4]}
+    first_bytes = (tmp_path / plan["path"].iloc[0]).read_bytes()
+    for p in plan["path"][4:]:
+        (tmp_path / p).unlink()
+    assert sample_images(pipe, plan, tmp_path, **kw)["sampled"] == 2
+    assert all((tmp_path / p).stat().st_mtime_ns == m for p, m in kept.items())
+    # Same seed -> same image, batch composition notwithstanding.
+    (tmp_path / plan["path"].iloc[0]).unlink()
+    sample_images(pipe, plan, tmp_path, **{**kw, "batch_size": 1})
+    assert (tmp_path / plan["path"].iloc[0]).read_bytes() == first_bytes
+
+
+def test_changed_settings_clear_stale_images(tiny_model, cat_split, tmp_path):
+    split_path = tmp_path / "split.json"
+    split_path.write_text(cat_split.model_dump_json())
+    config = {
+        "seed": 1,
+        "model": {"pretrained": tiny_model},
+        "judge": {"retain_question": "retain"},
+        "sample": {
+            "images_per_prompt": 1,
+            "batch_size": 64,
+            "steps": 1,
+            "guidance": 7.5,
+            "resolution": 32,
+            "precision": "float32",
+            "device": "cpu",
+        },
+    }
+    manifest = tmp_path / "images" / "manifest.parquet"
+    sample_run(
+        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
+    )
+    stale = manifest.parent / "stale.png"
+    stale.write_bytes(b"x")
+    sample_run(
+        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
+    )
+    assert stale.exists()  # same job retried: kept
+    config["sample"]["steps"] = 2
+    sample_run(
+        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
+    )
+    assert not stale.exists()  # new settings: folder cleared
+    frame = pd.read_parquet(manifest)
+    assert {"method", "concept", "group", "prompt", "question", "seed", "path"} <= set(
+        frame.columns
+    )
+    assert len(frame) == 31
+
+
+def _manifest(tmp_path, method, n=6):
+    from PIL import Image
+
+    rows = []
+    for k in range(n):
+        path = tmp_path / method / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (k * 40 % 256, len(method) * 20, 7)).save(path)
+        group = ["target", "coref_test", "retain_test"][k % 3]
+        rows.append({"method": method, "concept": "cat", "concept_text": "cat", "category": "object", "group": group,
+                     "prompt": f"p{k % 3}", "question": "cat" if group != "retain_test" else "p2",
+                     "image_index": k, "seed": k, "path": str(path)})  # fmt: skip
+    out = tmp_path / f"{method}.parquet"
+    pd.DataFrame(rows).to_parquet(out)
+    return str(out)
+
+
+JUDGE = {
+    "model": "fake-judge",
+    "prompt": "Same concept as <X>? yes or no.",
+    "prompt_version": "v1",
+    "concurrency": 4,
+    "max_retries": 2,
+    "timeout": 10,
+}
+
+
+def test_fake_rejects_what_vllm_rejects(fake_server, tmp_path):
+    server = fake_server(model="fake-judge")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "i.png")
+    good = request_body("fake-judge", tmp_path / "i.png", "q")
+    body = {k: v for k, v in good.items() if k != "extra_body"} | good["extra_body"]
+    url = f"{server.base_url}/chat/completions"
+    assert httpx2.post(url, json=body).status_code == 200
+    bad = [
+        {**body, "top_logprobs": 21},
+        {**body, "logprobs": False},
+        {
+            **{k: v for k, v in body.items() if k != "structured_outputs"},
+            "guided_choice": ["yes", "no"],
+        },
+        {**body, "model": "other"},
+        {**body, "messages": [{"role": "user", "content": body["messages"][0]["content"] * 2}]},
+    ]
+    for request in bad:
+        assert httpx2.post(url, json=request).status_code in (400, 404), request.keys()
+
+
+def test_judging_answers_and_caches(tmp_path):
+    manifests = [_manifest(tmp_path, "sd"), _manifest(tmp_path, "crce")]
+    outputs = [str(tmp_path / "j" / "sd.parquet"), str(tmp_path / "j" / "crce.parquet")]
+    settings = {
+        **JUDGE,
+        "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}",
+        "base_url": None,
+    }
+    judge_manifests(
+        manifests, outputs, settings=settings, cache_path=tmp_path / "cache.jsonl", progress=False
+    )
+    frame = pd.read_parquet(outputs[0])
+    assert len(frame) == 6 and set(frame["answer"]) <= {"yes", "no"}
+    assert ((frame["p_yes"] >= 0.5) == (frame["answer"] == "yes")).all()
+    assert set(frame["judge_model"]) == {"fake-judge"} and set(frame["prompt_version"]) == {"v1"}
+    lines = (tmp_path / "cache.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    # A third method: only its 6 new images are sent.
+    manifests.append(_manifest(tmp_path, "esd-x"))
+    outputs.append(str(tmp_path / "j" / "esd-x.parquet"))
+    judge_manifests(
+        manifests, outputs, settings=settings, cache_path=tmp_path / "cache.jsonl", progress=False
+    )
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 18
+    # A new prompt version re-judges everything.
+    judge_manifests(
+        manifests,
+        outputs,
+        settings={**settings, "prompt_version": "v2"},
+        cache_path=tmp_path / "cache.jsonl",
+        progress=False,
+    )
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 36
+
+
+def test_killing_the_server_loses_no_judged_row(tmp_path):
+    manifests = [_manifest(tmp_path, "sd", n=30)]
+    outputs = [str(tmp_path / "j" / "sd.parquet")]
+    cache = tmp_path / "cache.jsonl"
+    dying = {**JUDGE, "concurrency": 1, "base_url": None,
+             "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}} --die-after 10"}  # fmt: skip
+    # Dies after 10, is restarted once, dies after 10 more: the job fails with 20 rows kept.
+    with pytest.raises(Exception):  # noqa: B017 - a connection error, whatever its class
+        judge_manifests(manifests, outputs, settings=dying, cache_path=cache, progress=False)
+    kept = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(kept) == 20 and len({r["key"] for r in kept}) == 20
+    # The retried job judges only the 10 missing images.
+    healthy = {**dying, "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"}
+    judge_manifests(manifests, outputs, settings=healthy, cache_path=cache, progress=False)
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(rows) == 30 and len({r["key"] for r in rows}) == 30
+    assert len(pd.read_parquet(outputs[0])) == 30
+
+
+def test_cache_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"key": "a", "answer": "yes"}) + "\n" + '{"key": "b", "ans')
+    cache = JudgmentCache(path)
+    assert "a" in cache and "b" not in cache
+    cache.close()
+
+
+def judged(method, concept, category, group, answers):
+    return [{"method": method, "concept": concept, "category": category, "group": group,
+             "answer": a, "p_yes": 1.0 if a == "yes" else 0.0} for a in answers]  # fmt: skip
+
+
+def test_metrics_and_table_layout_on_known_answers():
+    rows = []
+    rows += judged("sd", "cat", "object", "target", ["yes"] * 4)
+    rows += judged("sd", "dog", "object", "target", ["yes", "no", "no", "no"])
+    rows += judged("crce", "cat", "object", "target", ["no"] * 4)
+    rows += judged("crce", "dog", "object", "retain_test", ["yes", "yes", "no", "no"])
+    rows += judged("crce", "batman", "ip", "coref_train", ["yes", "no"])
+    rows += judged("mine", "cat", "object", "target", ["yes", "no"])
+    labels = {"crce": "CRCE", "sd": "SD", "mine": "My method"}
+    metrics = compute_metrics(pd.DataFrame(rows), labels)
+    sd_dog = metrics[(metrics.method == "sd") & (metrics.concept == "dog")].iloc[0]
+    assert sd_dog["accuracy"] == 0.25 and sd_dog["n"] == 4 and sd_dog["metric"] == "Acc_U"
+    assert (
+        math.isclose(sd_dog["ci_low"], wilson(1, 4)[0])
+        and sd_dog["ci_low"] < 0.25 < sd_dog["ci_high"]
+    )
+    table = table1(metrics, ["crce", "mine", "sd"], labels)
+    assert list(table["method"]) == ["SD", "CRCE", "My method"]  # paper order, extras last
+    assert list(table.columns[:6]) == [
+        "method",
+        "object/Acc_U",
+        "object/Acc_C_train",
+        "object/Acc_C_test",
+        "object/Acc_R_train",
+        "object/Acc_R_test",
+    ]
+    assert len(table.columns) == 11  # celebrity absent from the sheet: left out
+    row = table.set_index("method")
+    assert row.loc["SD", "object/Acc_U"] == 62.5  # mean over concepts of 100% and 25%
+    assert (
+        row.loc["CRCE", "object/Acc_R_test"] == 50.0 and row.loc["CRCE", "ip/Acc_C_train"] == 50.0
+    )
+    vs = versus_paper(table)
+    cell = vs[(vs.method == "SD") & (vs.category == "object") & (vs.metric == "Acc_U")].iloc[0]
+    assert cell["paper"] == 83.33 and cell["difference"] == round(62.5 - 83.33, 2)
+    assert set(vs["method"]) == {"SD", "CRCE"}
+
+
+def test_wilson_interval():
+    low, high = wilson(8, 10)
+    assert math.isclose(low, 0.4902, abs_tol=1e-4) and math.isclose(high, 0.9433, abs_tol=1e-4)
+    assert wilson(0, 10)[0] == 0.0
