@@ -57,7 +57,8 @@ def p_yes(image: bytes, question: str) -> float:
 
 
 class State:
-    def __init__(self, model: str, script: list[str], die_after: int | None):
+    def __init__(self, model: str, script: list[str], die_after: int | None, latency: float = 0.0):
+        self.latency = latency
         self.model = model
         self.script = list(script)
         self.die_after = die_after
@@ -153,6 +154,7 @@ def make_handler(state: State):
                 count = state.judge_requests
             if state.die_after is not None and count > state.die_after:
                 os._exit(1)  # a crash mid-run, as a dying vLLM would
+            time.sleep(state.latency)  # a model's time per request
             image = base64.b64decode(url.split(";base64,", 1)[1])
             p = min(max(p_yes(image, question), 1e-6), 1 - 1e-6)
             answer = "yes" if p >= 0.5 else "no"
@@ -201,11 +203,13 @@ def main() -> None:
     parser.add_argument("--script", help="JSON file with a list of list-request behaviours")
     parser.add_argument("--die-after", type=int, help="exit after this many judge requests")
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per judge request")
     args = parser.parse_args()
     script = json.load(open(args.script)) if args.script else []
     time.sleep(args.startup_delay)
     server = ThreadingHTTPServer(
-        ("127.0.0.1", args.port), make_handler(State(args.model, script, args.die_after))
+        ("127.0.0.1", args.port),
+        make_handler(State(args.model, script, args.die_after, args.latency)),
     )
     server.serve_forever()
 
