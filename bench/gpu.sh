@@ -27,4 +27,4 @@ python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers
 timeout 300 python bench/train_step.py --model sd14 --device cuda --iterations 10 --ddim-steps 50 \
   --json "$OUT/gpu-train-step.json" 2>&1 | tee "$OUT/gpu-train-step.log" | grep '^{'
 timeout 150 python bench/sample.py --model sd14 --device cuda --images 64 --batch-size 32 --steps 50 \
-  --rounds 2 --json "$OUT/gpu-sample.json" 2>&1 | tee "$OUT/gpu-sample.log" | grep '^{'
+  --baseline-images 8 --rounds 2 --json "$OUT/gpu-sample.json" 2>&1 | tee "$OUT/gpu-sample.log" | grep '^{'

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-images", type=int, default=None, help="batch-1 images per round")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -56,7 +57,7 @@ def main() -> None:
             sync(device)
             ours.append(len(plan) / (time.perf_counter() - start))
             start = time.perf_counter()
-            n = len(plan) if r else 2
+            n = (args.baseline_images or len(plan)) if r else 2
             for prompt, seed in list(zip(plan["prompt"], plan["seed"], strict=True))[:n]:
                 pipe(prompt, num_inference_steps=args.steps, guidance_scale=7.5, height=resolution,
                      width=resolution, generator=torch.Generator().manual_seed(int(seed)), output_type="np")  # fmt: skip

@@ -23,6 +23,7 @@ rule split:
         "results/splits/{concept}.json",
     log:
         "logs/splits/{concept}.log",
+    localrule: True
     conda:
         "../../envs/llm.yaml"
     params:

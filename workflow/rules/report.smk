@@ -11,6 +11,7 @@ rule metrics:
         paper=report("results/table1_vs_paper.csv", category="Table 1"),
     log:
         "logs/metrics.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     params:
@@ -26,6 +27,7 @@ rule concept_figure:
         report("results/figures/grids/{concept}.png", category="Image grids"),
     log:
         "logs/figures/grids/{concept}.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     params:
@@ -41,6 +43,7 @@ rule category_figure:
         report("results/figures/bars/{category}.png", category="Bar charts"),
     log:
         "logs/figures/bars/{category}.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     params:

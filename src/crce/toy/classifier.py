@@ -1,0 +1,54 @@
+"""The toy judge's eyes: a small CNN that tells which shape an image shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ShapeClassifier(nn.Module):
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )  # fmt: skip
+        self.head = nn.Linear(64, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x in [-1, 1], NCHW."""
+        return self.head(self.features(x).flatten(1))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur and noise, so sampled images (slightly soft, slightly noisy) are read right."""
+    if torch.rand((), generator=generator) < 0.5:
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+        x = torch.nn.functional.conv2d(x, kernel, padding=1, groups=3)
+    noise = torch.randn(x.shape, generator=generator) * torch.rand((), generator=generator) * 0.15
+    return (x + noise).clamp(-1, 1)
+
+
+def save_classifier(model: ShapeClassifier, folder: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    from .world import shapes
+
+    folder = Path(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "judge.safetensors"))
+    (folder / "judge.json").write_text(json.dumps({"classes": shapes()}, indent=2) + "\n")
+
+
+def load_classifier(folder: str | Path) -> tuple[ShapeClassifier, list[str]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    classes = json.loads((folder / "judge.json").read_text())["classes"]
+    model = ShapeClassifier(len(classes))
+    model.load_state_dict(load_file(str(folder / "judge.safetensors")))
+    return model.eval(), classes
