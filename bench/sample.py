@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--baseline-images", type=int, default=None, help="batch-1 images per round")
+    parser.add_argument(
+        "--baseline-images", type=int, default=None, help="batch-1 images per round"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device)

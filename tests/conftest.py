@@ -51,7 +51,9 @@ def make_workdir(tmp_path: Path) -> Path:
     return work
 
 
-def snakemake(work: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+def snakemake(
+    work: Path, *args: str, timeout: float = 1200, env: dict | None = None
+) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "snakemake"
     return subprocess.run(
         [str(exe), "--cores", "2", *args],
@@ -60,6 +62,7 @@ def snakemake(work: Path, *args: str, timeout: float = 1200) -> subprocess.Compl
         stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 

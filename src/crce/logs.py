@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,13 @@ def job_log(path: str | Path | None, level: int = logging.INFO) -> Iterator[logg
     for noisy in ("httpx", "httpx2", "httpcore", "openai", "urllib3", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logger = logging.getLogger("crce")
+    # Where the job ran: on a cluster, the scheduler's job id and the GPUs it granted.
+    logger.info(
+        "host %s, SLURM_JOB_ID=%s, CUDA_VISIBLE_DEVICES=%s",
+        socket.gethostname(),
+        os.environ.get("SLURM_JOB_ID", "-"),
+        os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+    )
     try:
         yield logger
     except Exception as err:

@@ -40,7 +40,10 @@ def save_classifier(model: ShapeClassifier, folder: str | Path) -> None:
     from .world import shapes
 
     folder = Path(folder)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "judge.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "judge.safetensors"),
+    )
     (folder / "judge.json").write_text(json.dumps({"classes": shapes()}, indent=2) + "\n")
 
 

@@ -30,7 +30,12 @@ _CONCEPT = re.compile(r'concept "([^"]+)"')
 
 
 def completion(model: str, content: str, logprobs: dict | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": "stop"}
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "logprobs": logprobs,
+        "finish_reason": "stop",
+    }
     return {"id": "chatcmpl-toy", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [choice], "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}  # fmt: skip
 
@@ -71,17 +76,23 @@ def make_handler(world: ToyWorld, model: str):
 
         def do_GET(self):
             if self.path == "/v1/models":
-                return self._send(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
+                return self._send(
+                    200, {"object": "list", "data": [{"id": model, "object": "model"}]}
+                )
             return self._send(200 if self.path == "/health" else 404, {})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path != "/v1/chat/completions" or body.get("model") != model:
-                return self._send(404, {"error": {"message": f"unknown model or path: {body.get('model')}"}})
+                return self._send(
+                    404, {"error": {"message": f"unknown model or path: {body.get('model')}"}}
+                )
             texts, images = [], []
             for message in body.get("messages", []):
                 content = message.get("content")
-                for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+                for part in (
+                    content if isinstance(content, list) else [{"type": "text", "text": content}]
+                ):
                     if part.get("type") == "image_url":
                         images.append(part["image_url"]["url"].split(";base64,", 1)[1])
                     elif part.get("type") == "text":
@@ -97,8 +108,16 @@ def make_handler(world: ToyWorld, model: str):
             p = min(max(p_yes, 1e-6), 1 - 1e-6)
             tops = [{"token": "yes", "logprob": math.log(p), "bytes": list(b"yes")},
                     {"token": "no", "logprob": math.log(1 - p), "bytes": list(b"no")}]  # fmt: skip
-            entry = {"token": answer, "logprob": math.log(p if answer == "yes" else 1 - p), "bytes": list(answer.encode()), "top_logprobs": tops}
-            return self._send(200, completion(model, answer, {"content": [entry]} if body.get("logprobs") else None))
+            entry = {
+                "token": answer,
+                "logprob": math.log(p if answer == "yes" else 1 - p),
+                "bytes": list(answer.encode()),
+                "top_logprobs": tops,
+            }
+            return self._send(
+                200,
+                completion(model, answer, {"content": [entry]} if body.get("logprobs") else None),
+            )
 
     return Handler
 
@@ -109,7 +128,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", default="resources/toy")
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(ToyWorld(args.weights), args.model))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", args.port), make_handler(ToyWorld(args.weights), args.model)
+    )
     server.serve_forever()
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..tiny import SCHEDULER
 from ..tokenizer import build_tokenizer
 from .classifier import ShapeClassifier, augment, save_classifier
-from .world import dataset, render, shapes, vocabulary
+from .world import dataset, shapes, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,19 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
 
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"})
+    noise_scheduler = DDPMScheduler(
+        **{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}
+    )
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 100))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    ids = tokenizer(captions + [""], padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
+    ids = tokenizer(
+        captions + [""], padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = ids[-1]
     unet.train()
     text_encoder.train()
@@ -148,7 +155,13 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
                 for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
                     pe.lerp_(pl, 1 - decay)
         if step % 200 == 0:
-            log.info("unet step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.perf_counter() - started)
+            log.info(
+                "unet step %d/%d loss %.4f (%.0f s)",
+                step,
+                steps,
+                loss.item(),
+                time.perf_counter() - started,
+            )
     return ema_unet.eval(), ema_text.eval()
 
 
@@ -159,7 +172,7 @@ def train_classifier(steps: int, batch: int, seed: int) -> tuple[ShapeClassifier
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(x), (batch,), generator=g)
         loss = F.cross_entropy(model(augment(x[idx], g)), y[idx])
         opt.zero_grad()
@@ -216,15 +229,33 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
         vae_mse = train_vae(vae, x, plan["vae_steps"], plan["batch"], seed)
         timings["vae_s"] = time.perf_counter() - began
         with torch.no_grad():
-            dist = torch.cat([vae.encode(x[k : k + 512]).latent_dist.mean for k in range(0, len(x), 512)])
+            dist = torch.cat(
+                [vae.encode(x[k : k + 512]).latent_dist.mean for k in range(0, len(x), 512)]
+            )
             scaling = 1.0 / dist.std().item()
-            moments = torch.cat(
-                [torch.cat([p.mean, p.std], 1) for p in (vae.encode(x[k : k + 512]).latent_dist for k in range(0, len(x), 512))]
-            ) * scaling
+            moments = (
+                torch.cat(
+                    [
+                        torch.cat([p.mean, p.std], 1)
+                        for p in (
+                            vae.encode(x[k : k + 512]).latent_dist for k in range(0, len(x), 512)
+                        )
+                    ]
+                )
+                * scaling
+            )
         vae.register_to_config(scaling_factor=scaling)
         began = time.perf_counter()
         unet, text_encoder = train_unet(
-            unet, text_encoder, tokenizer, moments, captions, plan["unet_steps"], plan["batch"], plan["unet_lr"], seed
+            unet,
+            text_encoder,
+            tokenizer,
+            moments,
+            captions,
+            plan["unet_steps"],
+            plan["batch"],
+            plan["unet_lr"],
+            seed,
         )
         timings["unet_s"] = time.perf_counter() - began
         pipe = StableDiffusionPipeline(
@@ -256,7 +287,9 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="resources/toy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (tests)")
@@ -265,7 +298,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = train_world(args.out, seed=args.seed, quick=args.quick)
-    print(json.dumps({k: record[k] for k in ("timings", "vae_val_mse", "judge_heldout_accuracy")}, indent=2))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("timings", "vae_val_mse", "judge_heldout_accuracy")}, indent=2
+        )
+    )
     print("prompt following:", record["prompt_following"]["mean"])
 
 

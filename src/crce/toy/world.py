@@ -57,7 +57,12 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         k = r * 0.8
         return rot([(-k, -k), (k, -k), (k, k), (-k, k)])
     if kind == "triangle":
-        return rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+        return rot(
+            [
+                (r * math.cos(a), r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
+        )
     if kind == "star":
         pts = []
         for i in range(10):
@@ -144,8 +149,12 @@ def concept_lists(concept: str) -> dict:
     retains = others + [ontology()["shapes"][s]["names"][1] for s in others]
     retains += [f"{colours()[i % 5]} {s}" for i, s in enumerate(others)]
     return {
-        "corefs": [{"text": t, "certainty": lv.value} for t, lv in zip(corefs, LEVELS, strict=True)],
-        "retains": [{"text": t, "certainty": lv.value} for t, lv in zip(retains, LEVELS, strict=True)],
+        "corefs": [
+            {"text": t, "certainty": lv.value} for t, lv in zip(corefs, LEVELS, strict=True)
+        ],
+        "retains": [
+            {"text": t, "certainty": lv.value} for t, lv in zip(retains, LEVELS, strict=True)
+        ],
     }
 
 
