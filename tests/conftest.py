@@ -43,7 +43,7 @@ def fake_server(tmp_path):
 def make_workdir(tmp_path: Path) -> Path:
     """A fresh working directory with the workflow linked in (results/ and logs/ stay local)."""
     work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "workflow", "config", "src", "tests", "resources", "envs"):
         target = work / name
         if not target.exists():
