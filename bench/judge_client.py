@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import FAKE_SERVER  # noqa: E402
+FAKE_SERVER = ROOT / "tests" / "fake_openai_server.py"
 
 from crce.judge import judge_manifests  # noqa: E402
 

@@ -23,24 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fixtures import make_cat_split as split  # noqa: E402
+
 from crce.erase import Eraser, TrainSettings  # noqa: E402
-from crce.lists import Certainty, ConceptLists, Item, Provenance  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
-from crce.split import make_split  # noqa: E402
 from crce.tiny import build_sd14_size_pipeline, build_tiny_pipeline  # noqa: E402
-
-
-def split():
-    levels = list(Certainty)
-    lists = ConceptLists(
-        concept="cat",
-        id="cat",
-        category="object",
-        corefs=[Item(text=f"kitty {i}", certainty=levels[i // 3]) for i in range(15)],
-        retains=[Item(text=f"dog {i}", certainty=levels[i // 3]) for i in range(15)],
-        provenance=Provenance(source="llm"),
-    )
-    return make_split(lists, 0)
 
 
 def sync(device):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import make_cat_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -81,16 +82,4 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cat_split():
-    from crce.lists import Certainty, ConceptLists, Item, Provenance
-    from crce.split import make_split
-
-    levels = list(Certainty)
-    lists = ConceptLists(
-        concept="cat",
-        id="cat",
-        category="object",
-        corefs=[Item(text=f"kitty number {i}", certainty=levels[i // 3]) for i in range(15)],
-        retains=[Item(text=f"dog breed {i}", certainty=levels[i // 3]) for i in range(15)],
-        provenance=Provenance(source="llm"),
-    )
-    return make_split(lists, seed=0)
+    return make_cat_split()

@@ -23,14 +23,68 @@ SCHEDULER = dict(
 )
 
 
-def build_tiny_pipeline(output: str | Path, seed: int = 0, words: list[str] | None = None) -> Path:
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+def clip_text_encoder(
+    tokenizer,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    positions: int,
+    vocab: int | None = None,
+):
+    """A CLIPTextModel sized by hand, with the tokenizer's special-token ids."""
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab or len(tokenizer.get_vocab()),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=positions,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def save_pipeline(output: str | Path, *, vae, text_encoder, tokenizer, unet) -> Path:
+    """Assemble a StableDiffusionPipeline (DDIM scheduler, no safety checker) and save it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    output = Path(output)
+    pipe.save_pretrained(output, safe_serialization=True)
+    return output
+
+
+def vae_model(channels: tuple[int, ...], sample_size: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=4,
+        sample_size=sample_size,
+        **extra,
+    )
+
+
+def build_tiny_pipeline(output: str | Path, seed: int = 0, words: list[str] | None = None) -> Path:
+    from diffusers import UNet2DConditionModel
 
     from .tokenizer import build_tokenizer
 
@@ -45,60 +99,27 @@ def build_tiny_pipeline(output: str | Path, seed: int = 0, words: list[str] | No
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = vae_model((16, 32), 32, norm_num_groups=8)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(words or [], tmp, max_length=16)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer.get_vocab()),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=16,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_encoder = clip_text_encoder(
+            tokenizer, hidden=32, intermediate=64, layers=2, heads=4, positions=16
         )
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return save_pipeline(
+            output, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet
         )
-        output = Path(output)
-        pipe.save_pretrained(output, safe_serialization=True)
-    return output
 
 
 def build_base_model(kind: str, output: str | Path, seed: int = 0) -> Path:
     """The `base_model` rule: build the model a small world uses as `model.pretrained`."""
     if kind == "tiny":
         return build_tiny_pipeline(output, seed=seed)
-    raise ValueError(f"model.build={kind!r}: unknown kind (expected 'tiny' or 'toy')")
+    raise ValueError(f"model.build={kind!r}: unknown kind (expected 'tiny')")
 
 
 def build_sd14_size_pipeline(output: str | Path, seed: int = 0) -> Path:
     """Random weights in SD v1.4's exact shapes (benchmarks): UNet 320/640/1280/1280, CLIP-L text."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     from .tokenizer import build_tokenizer
 
@@ -110,39 +131,12 @@ def build_sd14_size_pipeline(output: str | Path, seed: int = 0) -> Path:
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = vae_model((128, 256, 512, 512), 512, layers_per_block=2)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer([], tmp, max_length=77)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_encoder = clip_text_encoder(
+            tokenizer, hidden=768, intermediate=3072, layers=12, heads=12, positions=77, vocab=49408
         )
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return save_pipeline(
+            output, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet
         )
-        output = Path(output)
-        pipe.save_pretrained(output, safe_serialization=True)
-    return output

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tiny import SCHEDULER
+from ..tiny import SCHEDULER, clip_text_encoder, save_pipeline, vae_model
 from ..tokenizer import build_tokenizer
 from .classifier import ShapeClassifier, augment, save_classifier
 from .world import dataset, shapes, vocabulary
@@ -38,21 +38,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def build_models(tokenizer_dir: Path):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = build_tokenizer(vocabulary(), tokenizer_dir, max_length=16)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = vae_model((16, 32), 32, norm_num_groups=8)
     unet = UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(32, 64, 64),
@@ -63,18 +52,8 @@ def build_models(tokenizer_dir: Path):
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = clip_text_encoder(
+        tokenizer, hidden=64, intermediate=256, layers=2, heads=4, positions=16
     )
     return tokenizer, vae, unet, text_encoder
 
@@ -204,8 +183,6 @@ def prompt_following(pipe_dir: Path, classifier: ShapeClassifier, per_prompt: in
 
 
 def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,17 +235,9 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
             seed,
         )
         timings["unet_s"] = time.perf_counter() - began
-        pipe = StableDiffusionPipeline(
-            vae=vae.eval(),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        save_pipeline(
+            out / "sd", vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet
         )
-        pipe.save_pretrained(out / "sd", safe_serialization=True)
     began = time.perf_counter()
     classifier, accuracy = train_classifier(plan["classifier_steps"], 64, seed)
     timings["classifier_s"] = time.perf_counter() - began

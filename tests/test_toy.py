@@ -1,0 +1,114 @@
+"""The toy world: ontology, servers through the real openai client, training, the demo."""
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, make_workdir, snakemake
+from PIL import Image
+
+from crce.concepts import Concept
+from crce.llm import LLMSettings, generate_lists, parse_answer, violations
+from crce.serving import ManagedServer
+from crce.toy import world
+
+TOY = REPO / "resources" / "toy"
+SERVER = "{python} -m crce.toy.server --port {port} --model {model} --weights " + str(TOY)
+
+
+@pytest.mark.parametrize("shape", world.shapes())
+def test_toy_lists_fit_the_pipelines_rules(shape):
+    import json
+
+    answer = parse_answer(json.dumps(world.concept_lists(shape)))
+    assert not violations(answer, shape)
+    assert all(world.shape_of(i.text) == shape for i in answer.corefs)
+    assert all(world.shape_of(i.text) not in (shape, None) for i in answer.retains)
+
+
+def test_held_out_phrasings_never_appear_in_training_captions():
+    _, captions, _ = world.dataset(3000, seed=3)
+    held = {f"{c} {n}" for c, n in world.held_out_pairs()}
+    assert not any(c.removeprefix("a ") in held for c in captions)
+    # ...but each of their words does: test corefs are new combinations of known words.
+    words = {w for c in captions for w in c.split()}
+    assert all(set(h.split()) <= words for h in held)
+
+
+def test_shipped_artefacts_are_small():
+    size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
+    assert 0 < size < 10 * 2**20
+
+
+def test_toy_llm_answers_through_the_openai_client(tmp_path):
+    server = ManagedServer(SERVER, "toy-llm", startup_timeout=60, log_path=tmp_path / "s.log")
+    try:
+        url = server.start()
+        lists = generate_lists(
+            Concept(id="circle", text="circle", category="object"),
+            LLMSettings(model="toy-llm"),
+            url,
+        )
+    finally:
+        server.stop()
+    assert len(lists.corefs) == 15 and lists.provenance.attempts == 1
+    assert "disc" in {i.text for i in lists.corefs}
+
+
+def test_toy_judge_reads_renders(tmp_path):
+    from crce.judge import judge_manifests
+
+    rng = random.Random(11)
+    rows = []
+    for k in range(120):
+        shape, colour = rng.choice(world.shapes()), rng.choice(world.colours())
+        asked = rng.choice(world.shapes())
+        name = rng.choice(world.ontology()["shapes"][asked]["names"])
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(world.render(shape, colour, rng)).save(path)
+        rows.append({"method": "sd", "concept": "x", "concept_text": "x", "category": "object", "group": "target",
+                     "prompt": name, "question": f"a {colour} {name}", "image_index": k, "seed": k,
+                     "path": str(path), "truth": shape == asked})  # fmt: skip
+    pd.DataFrame(rows).drop(columns="truth").to_parquet(tmp_path / "m.parquet")
+    settings = {"model": "toy-judge", "serve": SERVER, "prompt": "Is it the same concept as <X>? yes or no.",
+                "prompt_version": "t", "startup_timeout": 60}  # fmt: skip
+    judge_manifests([str(tmp_path / "m.parquet")], [str(tmp_path / "o.parquet")], settings=settings,
+                    cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
+    answers = pd.read_parquet(tmp_path / "o.parquet")["answer"] == "yes"
+    accuracy = float(np.mean(answers.to_numpy() == np.array([r["truth"] for r in rows])))
+    assert accuracy >= 0.98
+
+
+@pytest.mark.slow
+def test_shortened_training_end_to_end(tmp_path):
+    import json
+
+    from crce.modeling import load_pipeline
+    from crce.toy.classifier import load_classifier
+    from crce.toy.train import train_world
+
+    record = train_world(tmp_path, seed=1, quick=True)
+    pipe = load_pipeline(str(tmp_path / "sd"))
+    assert len(list(n for n, _ in pipe.unet.named_parameters() if ".attn2.to_k." in n)) == 7
+    assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a round dot").input_ids)[1:4] == [
+        "a</w>",
+        "round</w>",
+        "dot</w>",
+    ]
+    classifier, classes = load_classifier(tmp_path)
+    assert classes == world.shapes()
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["plan"] == record["plan"] and 0 <= saved["prompt_following"]["mean"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_erases_the_target(tmp_path):
+    """Properties of a working model and a working erasure, not timings."""
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "table1", "--configfile=config/demo.yaml", timeout=3000)
+    assert result.returncode == 0, result.stdout[-5000:]
+    table = pd.read_csv(work / "results" / "table1.csv").set_index("method")
+    assert table.loc["SD", "object/Acc_U"] >= 80
+    assert table.loc["ESD-x", "object/Acc_U"] <= 20
+    assert table.loc["CRCE", "object/Acc_U"] <= 20
