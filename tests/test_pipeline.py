@@ -87,3 +87,12 @@ def test_images_target_plans_no_judging(tmp_path):
     counts = planned(snakemake(work, "-n", "images", "--configfile=config/test.yaml").stdout)
     assert counts["sample"] == 24 and counts["erase"] == 20
     assert not {"judge", "metrics", "concept_figure", "category_figure"} & set(counts)
+
+
+def test_report_shows_tables_and_figures(finished):
+    work, _, args = finished
+    result = snakemake(work, "--report", "report.html", *args)
+    assert result.returncode == 0, result.stdout[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "table1.csv" in html and "table1_vs_paper.csv" in html
+    assert "grids" in html or "Image grids" in html
