@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
-WORLD ?= config/test.yaml
+WORLD ?= config/demo.yaml
 
 .PHONY: setup demo test fast lint format
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(SNAKEMAKE) --cores 2 --configfile $(WORLD) table1
+	$(SNAKEMAKE) --cores 2 table1 --configfile=$(WORLD)
 
 lint: setup
 	$(VENV)/bin/ruff format --check src tests bench workflow/scripts

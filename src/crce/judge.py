@@ -193,6 +193,8 @@ def judge_manifests(
     judged = pd.concat([everything.drop(columns=["key"]), answers.drop(columns=["key"])], axis=1)
     for manifest, output in zip(manifests, outputs, strict=True):
         method = pd.read_parquet(manifest, columns=["method"])["method"].iloc[0]
+        if method not in (Path(output).parent.name, Path(output).stem):
+            raise ValueError(f"outputs out of order: {output} is not {method}'s judgments")
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         judged[judged["method"] == method].to_parquet(output, index=False)
 
