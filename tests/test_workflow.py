@@ -152,3 +152,12 @@ def test_corefconcept_without_llm(workdir, tmp_path):
     assert "Tom Hanks" in log and "no LLM answered" in log
     failed = re.findall(r"Error in rule (\w+):", result.stdout)
     assert failed == ["coref_lists"]
+
+
+def test_full_paper_dag_dry_run(workdir):
+    """50 concepts x 6 methods (wall time recorded in BENCHMARKS.md, not asserted)."""
+    result = snakemake(workdir, "-n", "results/table1.csv")
+    assert result.returncode == 0, result.stdout[-3000:]
+    counts = planned(result.stdout)
+    assert counts["erase"] == 250 and counts["sample"] == 300 and counts["judge"] == 50
+    assert counts["metrics"] == 1
