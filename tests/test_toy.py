@@ -73,9 +73,9 @@ def test_toy_judge_reads_renders(tmp_path):
     pd.DataFrame(rows).drop(columns="truth").to_parquet(tmp_path / "m.parquet")
     settings = {"model": "toy-judge", "serve": SERVER, "prompt": "Is it the same concept as <X>? yes or no.",
                 "prompt_version": "t", "startup_timeout": 60}  # fmt: skip
-    judge_manifests([str(tmp_path / "m.parquet")], [str(tmp_path / "o.parquet")], settings=settings,
+    judge_manifests([str(tmp_path / "m.parquet")], [str(tmp_path / "sd.parquet")], settings=settings,
                     cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
-    answers = pd.read_parquet(tmp_path / "o.parquet")["answer"] == "yes"
+    answers = pd.read_parquet(tmp_path / "sd.parquet")["answer"] == "yes"
     accuracy = float(np.mean(answers.to_numpy() == np.array([r["truth"] for r in rows])))
     assert accuracy >= 0.98
 
@@ -103,6 +103,7 @@ def test_shortened_training_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_erases_the_target(tmp_path):
     """Properties of a working model and a working erasure, not timings."""
     work = make_workdir(tmp_path)

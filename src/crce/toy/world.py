@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from functools import lru_cache
 from importlib import resources
 
@@ -39,7 +40,7 @@ def vocabulary() -> list[str]:
 
 def shape_of(text: str) -> str | None:
     """The shape a phrase names (longest name wins: 'plus sign' before 'plus')."""
-    words = f" {text.lower().strip()} "
+    words = " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "  # punctuation is no word
     best = None
     for shape, spec in ontology()["shapes"].items():
         for name in spec["names"]:
