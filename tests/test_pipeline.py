@@ -91,7 +91,7 @@ def test_images_target_plans_no_judging(tmp_path):
 
 def test_report_shows_tables_and_figures(finished):
     work, _, args = finished
-    result = snakemake(work, "--report", "report.html", *args)
+    result = snakemake(work, "--report", "report.html", "table1", *args)
     assert result.returncode == 0, result.stdout[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "table1.csv" in html and "table1_vs_paper.csv" in html
