@@ -191,8 +191,8 @@ def judge_manifests(
         cache.close()
     answers = pd.DataFrame([cache.rows[k] for k in everything["key"]])
     judged = pd.concat([everything.drop(columns=["key"]), answers.drop(columns=["key"])], axis=1)
-    for manifest, output in zip(manifests, outputs, strict=True):
-        method = pd.read_parquet(manifest, columns=["method"])["method"].iloc[0]
+    for frame, output in zip(frames, outputs, strict=True):
+        method = frame["method"].iloc[0]  # manifests were read once, above
         if method not in (Path(output).parent.name, Path(output).stem):
             raise ValueError(f"outputs out of order: {output} is not {method}'s judgments")
         Path(output).parent.mkdir(parents=True, exist_ok=True)
