@@ -85,7 +85,7 @@ def test_table1_through_slurm_equals_the_local_run(cluster, tmp_path, monkeypatc
         assert (job.group(1) == "-") == local_rule, (
             f"{log}: local rules run on the submit host only"
         )
-        if {"erase", "sample", "judge"} & set(log.parts):
+        if {"corefs", "erase", "sample", "judge"} & set(log.parts):
             assert job.group(2) != "-", f"{log}: a GPU job without CUDA_VISIBLE_DEVICES"
     for log in (work / "logs" / "erase").rglob("*.log"):
         assert "resuming from" in log.read_text() and "at iteration 2" in log.read_text(), log

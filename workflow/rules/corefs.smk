@@ -8,6 +8,9 @@ rule coref_lists:
         "results/corefs/{concept}.json",
     log:
         "logs/corefs/{concept}.log",
+    resources:
+        # A GPU only when the job serves its own LLM (llm.serve); an API call needs none.
+        gpu=lambda wildcards: 1 if config["llm"].get("serve") else 0,
     conda:
         "../../envs/llm.yaml"
     params:
