@@ -36,6 +36,23 @@ def test_held_out_phrasings_never_appear_in_training_captions():
     assert all(set(h.split()) <= words for h in held)
 
 
+def test_every_word_is_one_token(tmp_path):
+    """Words whose merges compete ("p l" of "plus" inside "purple") still come out whole,
+    so the longest held-out phrasing fits the toy's 8-token prompts."""
+    from transformers import CLIPTokenizer
+
+    from crce.tokenizer import build_tokenizer
+
+    build_tokenizer(world.vocabulary(), tmp_path, max_length=8)
+    for folder in (tmp_path, TOY / "sd" / "tokenizer"):  # built now, and shipped
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        for word in world.vocabulary():
+            assert tokenizer.tokenize(word) == [f"{word}</w>"], (folder, word)
+        longest = max((f"a {c} {n}" for c, n in world.held_out_pairs()), key=len)
+        ids = tokenizer(longest, truncation=True, max_length=tokenizer.model_max_length)
+        assert tokenizer.decode(ids.input_ids, skip_special_tokens=True).strip() == longest
+
+
 def test_shipped_artefacts_are_small():
     size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
     assert 0 < size < 10 * 2**20
@@ -78,6 +95,32 @@ def test_toy_judge_reads_renders(tmp_path):
     answers = pd.read_parquet(tmp_path / "sd.parquet")["answer"] == "yes"
     accuracy = float(np.mean(answers.to_numpy() == np.array([r["truth"] for r in rows])))
     assert accuracy >= 0.98
+
+
+def test_toy_text_space_keeps_synonyms_closer_than_other_shapes():
+    """The shipped encoder: a synonym's context is nearer the name's than another shape's is.
+
+    One-word names only: contexts of prompts of different lengths differ by position too.
+    """
+    import torch
+
+    from crce.modeling import encode_prompts, load_pipeline
+
+    pipe = load_pipeline(str(TOY / "sd"))
+    names = {
+        s: [n for n in spec["names"] if " " not in n]
+        for s, spec in world.ontology()["shapes"].items()
+    }
+    contexts = {s: encode_prompts(pipe, n).flatten(1) for s, n in names.items()}
+    for shape, own in contexts.items():
+        own = torch.nn.functional.normalize(own, dim=1)
+        same = (own[0] @ own[1:].T).min()
+        for other, theirs in contexts.items():
+            if other != shape:
+                theirs = torch.nn.functional.normalize(theirs, dim=1)
+                assert same > (own[0] @ theirs.T).max(), (shape, other)
+        # ...and synonyms are not one vector (a jointly trained encoder collapsed them).
+        assert (own[0] @ own[1:].T).max() < 0.99, shape
 
 
 @pytest.mark.slow

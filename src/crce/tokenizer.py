@@ -7,6 +7,7 @@ to byte tokens, exactly as in CLIP's own tokenizer.
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -37,25 +38,47 @@ def build_tokenizer(words: list[str], folder: str | Path, max_length: int = 77) 
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in sorted({w for phrase in words for w in phrase.lower().split()}):
-        pieces = [symbols[b] for b in word.encode("utf-8")]
-        pieces[-1] += "</w>"
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merge = f"{current} {piece}"
-            current += piece
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in vocabulary_words(words):
+        letters = [symbols[b] for b in word.encode("utf-8")]
+        letters[-1] += "</w>"
+        # BPE applies merges by rank across words: a plain prefix chain per word breaks when
+        # another word's merge outranks it ("p l" of "plus" splits "purple"). Appending the
+        # merge of whatever pair is left, at the lowest rank, never changes a finished word.
+        while len(pieces := bpe(letters, merges)) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     vocab.setdefault("<|startoftext|>", len(vocab))
     vocab.setdefault("<|endoftext|>", len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}),
         encoding="utf-8",
     )
-    return CLIPTokenizer.from_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    split = [w for w in vocabulary_words(words) if len(tokenizer.tokenize(w)) != 1]
+    if split:
+        raise ValueError(f"words that are not one token: {split[:5]}")
+    return tokenizer
+
+
+def vocabulary_words(words: list[str]) -> list[str]:
+    return sorted({w for phrase in words for w in phrase.lower().split()})
+
+
+def bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [
+            (rank.get(pair, len(rank)), i) for i, pair in enumerate(itertools.pairwise(pieces))
+        ]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces

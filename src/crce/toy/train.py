@@ -20,6 +20,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from ..tiny import SCHEDULER, clip_text_encoder, save_pipeline, vae_model
 from ..tokenizer import build_tokenizer
 from .classifier import ShapeClassifier, augment, save_classifier
-from .world import dataset, shapes, vocabulary
+from .world import dataset, ontology, shapes, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def build_models(tokenizer_dir: Path):
+def build_models(tokenizer_dir: Path, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    tokenizer = build_tokenizer(vocabulary(), tokenizer_dir, max_length=16)
+    max_length = ontology()["text_space"]["max_length"]
+    tokenizer = build_tokenizer(vocabulary(), tokenizer_dir, max_length=max_length)
     vae = vae_model((16, 32), 32, norm_num_groups=8)
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -52,10 +54,37 @@ def build_models(tokenizer_dir: Path):
         attention_head_dim=4,
         norm_num_groups=16,
     )
+    torch.manual_seed(seed)
     text_encoder = clip_text_encoder(
-        tokenizer, hidden=64, intermediate=256, layers=2, heads=4, positions=16
+        tokenizer, hidden=64, intermediate=256, layers=2, heads=4, positions=max_length
     )
-    return tokenizer, vae, unet, text_encoder
+    structure_text_space(text_encoder, tokenizer, seed)
+    return tokenizer, vae, unet, text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def structure_text_space(text_encoder, tokenizer, seed: int) -> None:
+    """Word embeddings that share one direction per shape (ontology `text_space`).
+
+    Synonyms then sit closer to each other than to other shapes, as in a real text encoder;
+    colours and "a" get their own directions. The encoder stays frozen at this init.
+    """
+    share = ontology()["text_space"]["synonym_share"]
+    hidden = text_encoder.config.hidden_size
+    g = torch.Generator().manual_seed(seed + 17)
+    shape_direction = {s: torch.randn(hidden, generator=g) for s in shapes()}
+    table = text_encoder.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    for word in vocabulary():
+        own = torch.randn(hidden, generator=g)
+        shape = next(
+            (s for s, spec in ontology()["shapes"].items()
+             if any(word in name.split() for name in spec["names"])),
+            None,
+        )  # fmt: skip
+        if shape is not None:
+            own = share**0.5 * shape_direction[shape] + (1 - share) ** 0.5 * own
+        table[vocab[f"{word}</w>"]] = own
 
 
 def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -91,37 +120,37 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int) -> f
 def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, lr, seed):
     from diffusers import DDPMScheduler
 
+    from ..modeling import encode_prompts
+
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     noise_scheduler = DDPMScheduler(
         **{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}
     )
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters())  # the text encoder stays frozen (ontology text_space)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 100))
-    ema_unet, ema_text = (
-        copy.deepcopy(unet).requires_grad_(False),
-        copy.deepcopy(text_encoder).requires_grad_(False),
-    )
-    ids = tokenizer(
-        captions + [""], padding="max_length", max_length=16, truncation=True, return_tensors="pt"
-    ).input_ids
-    empty = ids[-1]
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    # A frozen encoder: every distinct caption is encoded once.
+    distinct = sorted(set(captions))
+    contexts = encode_prompts(SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder),
+                              [*distinct, ""])  # fmt: skip
+    caption_index = torch.tensor([distinct.index(c) for c in captions])
+    empty = len(distinct)
     unet.train()
-    text_encoder.train()
     started = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=g)
         mean, std = latents[idx].chunk(2, dim=1)
         z = mean + std * torch.randn(mean.shape, generator=g)
-        tokens = ids[idx].clone()
+        which = caption_index[idx].clone()
         for k in range(batch):
             if rng.random() < 0.1:
-                tokens[k] = empty  # caption dropout: the model learns the unconditional branch
+                which[k] = empty  # caption dropout: the model learns the unconditional branch
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         noisy = noise_scheduler.add_noise(z, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(tokens)[0]).sample
+        pred = unet(noisy, t, encoder_hidden_states=contexts[which]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
@@ -130,9 +159,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
         sched.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
-                    pe.lerp_(pl, 1 - decay)
+            for pe, pl in zip(ema_unet.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(pl, 1 - decay)
         if step % 200 == 0:
             log.info(
                 "unet step %d/%d loss %.4f (%.0f s)",
@@ -141,7 +169,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
                 loss.item(),
                 time.perf_counter() - started,
             )
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.eval()
 
 
 def train_classifier(steps: int, batch: int, seed: int) -> tuple[ShapeClassifier, float]:
@@ -189,7 +217,7 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
     plan = dict(
         images=2_000 if quick else 30_000,
         vae_steps=30 if quick else 800,
-        unet_steps=30 if quick else 2_600,
+        unet_steps=30 if quick else 3_000,
         classifier_steps=30 if quick else 1_200,
         batch=32,
         unet_lr=1e-3,
@@ -201,7 +229,7 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
     x = to_tensor(images)
     timings["data_s"] = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, vae, unet, text_encoder = build_models(Path(tmp))
+        tokenizer, vae, unet, text_encoder = build_models(Path(tmp), seed)
         began = time.perf_counter()
         vae_mse = train_vae(vae, x, plan["vae_steps"], plan["batch"], seed)
         timings["vae_s"] = time.perf_counter() - began
@@ -223,7 +251,7 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
             )
         vae.register_to_config(scaling_factor=scaling)
         began = time.perf_counter()
-        unet, text_encoder = train_unet(
+        unet = train_unet(
             unet,
             text_encoder,
             tokenizer,
