@@ -54,7 +54,7 @@ def build_models(tokenizer_dir: Path, seed: int = 0):
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the frozen encoder's random layers are the model: seed them alone
     text_encoder = clip_text_encoder(
         tokenizer, hidden=64, intermediate=256, layers=2, heads=4, positions=max_length
     )
