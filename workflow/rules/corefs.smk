@@ -8,11 +8,11 @@ rule coref_lists:
         "results/corefs/{concept}.json",
     log:
         "logs/corefs/{concept}.log",
+    conda:
+        "../../envs/llm.yaml"
     resources:
         # A GPU only when the job serves its own LLM (llm.serve); an API call needs none.
         gpu=lambda wildcards: 1 if config["llm"].get("serve") else 0,
-    conda:
-        "../../envs/llm.yaml"
     params:
         concept=concept_row,
     script:
