@@ -60,7 +60,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = load_pipeline(f"{args.weights}/sd")
     classifier, classes = load_classifier(args.weights)
     split = make_split(as_lists(args.concept, args.concept), seed=args.seed)

@@ -135,7 +135,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
     distinct = sorted(set(captions))
     contexts = encode_prompts(SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder),
                               [*distinct, ""])  # fmt: skip
-    caption_index = torch.tensor([distinct.index(c) for c in captions])
+    position = {c: i for i, c in enumerate(distinct)}
+    caption_index = torch.tensor([position[c] for c in captions])
     empty = len(distinct)
     unet.train()
     started = time.perf_counter()
