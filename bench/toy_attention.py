@@ -1,6 +1,6 @@
 """Attention paths for the toy sampler on CPU, interleaved (BENCHMARKS.md section 6).
 
-    OMP_NUM_THREADS=1 python bench/toy_attention.py --repeats 3
+OMP_NUM_THREADS=1 python bench/toy_attention.py --repeats 3
 """
 
 from __future__ import annotations
