@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd14 import build_sd14_size_pipeline  # noqa: E402
 from train_step import split, sync  # noqa: E402
 
 from crce.modeling import load_pipeline  # noqa: E402
 from crce.sample import plan_images, sample_images  # noqa: E402
-from crce.tiny import build_sd14_size_pipeline, build_tiny_pipeline  # noqa: E402
+from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import torch
 from crce.erase import Eraser, TrainSettings
 from crce.modeling import load_pipeline
 from crce.split import make_split
-from crce.toy.classifier import load_classifier
-from crce.toy.world import as_lists, shape_of
+from crce.worlds.toy.classifier import load_classifier
+from crce.worlds.toy.world import as_lists, shape_of
 
 
 def parse_setting(text: str) -> tuple[str, dict]:

@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fixtures import make_cat_split as split  # noqa: E402
+from sd14 import build_sd14_size_pipeline  # noqa: E402
 
 from crce.erase import Eraser, TrainSettings  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
-from crce.tiny import build_sd14_size_pipeline, build_tiny_pipeline  # noqa: E402
+from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 
 def sync(device):

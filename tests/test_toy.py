@@ -11,10 +11,10 @@ from PIL import Image
 from crce.concepts import Concept
 from crce.llm import LLMSettings, generate_lists, parse_answer, violations
 from crce.serving import ManagedServer
-from crce.toy import world
+from crce.worlds.toy import world
 
 TOY = REPO / "resources" / "toy"
-SERVER = "{python} -m crce.toy.server --port {port} --model {model} --weights " + str(TOY)
+SERVER = "{python} -m crce.worlds.toy.server --port {port} --model {model} --weights " + str(TOY)
 
 
 @pytest.mark.parametrize("shape", world.shapes())
@@ -41,7 +41,7 @@ def test_every_word_is_one_token(tmp_path):
     so the longest held-out phrasing fits the toy's 8-token prompts."""
     from transformers import CLIPTokenizer
 
-    from crce.tokenizer import build_tokenizer
+    from crce.worlds.tokenizer import build_tokenizer
 
     build_tokenizer(world.vocabulary(), tmp_path, max_length=8)
     for folder in (tmp_path, TOY / "sd" / "tokenizer"):  # built now, and shipped
@@ -128,8 +128,8 @@ def test_shortened_training_end_to_end(tmp_path):
     import json
 
     from crce.modeling import load_pipeline
-    from crce.toy.classifier import load_classifier
-    from crce.toy.train import train_world
+    from crce.worlds.toy.classifier import load_classifier
+    from crce.worlds.toy.train import train_world
 
     record = train_world(tmp_path, seed=1, quick=True)
     pipe = load_pipeline(str(tmp_path / "sd"))
