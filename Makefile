@@ -32,10 +32,10 @@ format: setup
 # The suite CI runs, the toy demo end to end included. `make fast` skips the end-to-end
 # workflow runs; `make demo-test` runs only the demo and its erasure targets.
 test: lint
-	cd tests && ../$(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 fast: lint
-	cd tests && ../$(PY) -m pytest -q -m "not slow and not demo"
+	$(PY) -m pytest -q -m "not slow and not demo"
 
 demo-test: setup
-	cd tests && ../$(PY) -m pytest -q -m demo
+	$(PY) -m pytest -q -m demo

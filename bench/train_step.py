@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fixtures import make_cat_split as split  # noqa: E402
+from helpers import make_cat_split as split  # noqa: E402
 from sd14 import build_sd14_size_pipeline  # noqa: E402
 
 from crce.erase import Eraser, TrainSettings  # noqa: E402

@@ -2,17 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from fixtures import make_cat_split
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-COREFCONCEPT = SHARED / "CorefConcept"
-FAKE_SERVER = REPO / "tests" / "fake_openai_server.py"
+from helpers import FAKE_SERVER, make_cat_split, make_workdir
 
 # Two cores: pin torch threads so model tests run one at a time without oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -39,32 +31,6 @@ def fake_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
-
-
-def make_workdir(tmp_path: Path) -> Path:
-    """A fresh working directory with the workflow linked in (results/ and logs/ stay local)."""
-    work = tmp_path / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "config", "src", "tests", "resources", "envs"):
-        target = work / name
-        if not target.exists():
-            target.symlink_to(REPO / name)
-    return work
-
-
-def snakemake(
-    work: Path, *args: str, timeout: float = 1200, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "snakemake"
-    return subprocess.run(
-        [str(exe), "--cores", "2", *args],
-        cwd=work,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 import pytest
-from conftest import COREFCONCEPT, REPO
+from helpers import COREFCONCEPT, REPO
 
 from crce.concepts import load_sheet
 from crce.corefconcept import DatasetError, find_entry, import_entry

@@ -8,7 +8,7 @@ import httpx2
 import pandas as pd
 import pytest
 import yaml
-from conftest import FAKE_SERVER, REPO
+from helpers import FAKE_SERVER, REPO
 
 from crce.judge import JudgmentCache, judge_manifests, request_body
 from crce.metrics import compute_metrics, table1, versus_paper, wilson

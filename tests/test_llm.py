@@ -104,7 +104,7 @@ def test_server_deadline(tmp_path):
 
 
 def test_served_stops_the_process_group(tmp_path):
-    from conftest import FAKE_SERVER
+    from helpers import FAKE_SERVER
 
     command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"
     with served(command, "m", None, startup_timeout=30) as url:

@@ -5,8 +5,7 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, make_workdir, snakemake
-from test_workflow import planned
+from helpers import REPO, make_workdir, planned, snakemake
 
 pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -1,5 +1,5 @@
 import pytest
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 from crce.concepts import SheetError, load_sheet, slugify
 

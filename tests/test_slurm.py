@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO, make_workdir, snakemake
+from helpers import REPO, make_workdir, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

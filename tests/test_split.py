@@ -48,7 +48,7 @@ def test_split_roundtrips_through_its_schema(tmp_path):
 
 
 def test_schemas_in_workflow_are_current(tmp_path):
-    from conftest import REPO
+    from helpers import REPO
 
     from crce.lists import export_schemas
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, make_workdir, snakemake
+from helpers import REPO, make_workdir, snakemake
 from PIL import Image
 
 from crce.concepts import Concept

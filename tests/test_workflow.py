@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import COREFCONCEPT, REPO, snakemake
+from helpers import COREFCONCEPT, REPO, planned, snakemake
 from snakemake.utils import update_config
 
 SCALE_KEYS = [
@@ -72,16 +72,6 @@ def test_every_config_key_is_commented():
         assert k >= 0 and lines[k].strip().startswith("#"), (
             f"config.yaml:{n + 1} {line.strip()!r} has no comment"
         )
-
-
-def planned(output: str) -> dict[str, int]:
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    counts = {}
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_dry_run_plans_50_corefs_and_50_splits(workdir):

@@ -1,0 +1,67 @@
+"""Paths, test data and the Snakemake runner shared by tests and benchmarks (no pytest here:
+benchmarks import it too)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COREFCONCEPT = SHARED / "CorefConcept"
+FAKE_SERVER = REPO / "tests" / "fake_openai_server.py"
+
+
+def make_cat_split():
+    """A 'cat' split with 10/5 corefs and retains at every certainty level."""
+    from crce.lists import Certainty, ConceptLists, Item, Provenance
+    from crce.split import make_split
+
+    levels = list(Certainty)
+    lists = ConceptLists(
+        concept="cat",
+        id="cat",
+        category="object",
+        corefs=[Item(text=f"kitty number {i}", certainty=levels[i // 3]) for i in range(15)],
+        retains=[Item(text=f"dog breed {i}", certainty=levels[i // 3]) for i in range(15)],
+        provenance=Provenance(source="llm"),
+    )
+    return make_split(lists, seed=0)
+
+
+def make_workdir(tmp_path: Path) -> Path:
+    """A fresh working directory with the workflow linked in (results/ and logs/ stay local)."""
+    work = tmp_path / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "workflow", "config", "src", "tests", "resources", "envs"):
+        target = work / name
+        if not target.exists():
+            target.symlink_to(REPO / name)
+    return work
+
+
+def snakemake(
+    work: Path, *args: str, timeout: float = 1200, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "snakemake"
+    return subprocess.run(
+        [str(exe), "--cores", "2", *args],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def planned(output: str) -> dict[str, int]:
+    """Jobs per rule from the 'Job stats' table of a (dry) run."""
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
