@@ -4,7 +4,7 @@ import pytest
 
 from crce.concepts import Concept
 from crce.llm import LLMError, LLMSettings, generate_lists, parse_answer, violations
-from crce.serving import ManagedServer, ServerError, free_port, served
+from crce.serving import ManagedServer, ServerError, call_served, free_port
 
 CAT = Concept(id="bat-animal", text="bat (animal)", category="object")
 
@@ -103,13 +103,13 @@ def test_server_deadline(tmp_path):
     assert server.process is None
 
 
-def test_served_stops_the_process_group(tmp_path):
+def test_a_served_job_stops_the_process_group(tmp_path):
     from helpers import FAKE_SERVER
 
     command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"
-    with served(command, "m", None, startup_timeout=30) as url:
-        assert url.startswith("http://127.0.0.1:")
-        port = int(url.split(":")[2].split("/")[0])
+    url = call_served(lambda url: url, serve=command, model="m", base_url=None, startup_timeout=30)
+    assert url.startswith("http://127.0.0.1:")
+    port = int(url.split(":")[2].split("/")[0])
     import socket
 
     with socket.socket() as sock:

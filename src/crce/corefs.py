@@ -11,7 +11,7 @@ from .concepts import Concept
 from .corefconcept import find_entry, import_entry
 from .lists import ConceptLists, Provenance, Warning_, write_model
 from .llm import LLMSettings, generate_lists
-from .serving import served
+from .serving import call_served
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,15 @@ def build_lists(
             return import_entry(entry, concept, source_file.name)
         log.info("%s: not in the CorefConcept dataset at %s", concept.text, corefconcept_dir)
     settings = llm_settings(llm_config)
-    with served(
-        llm_config.get("serve"),
-        settings.model,
-        settings.base_url,
+    log.info("%s: asking LLM %s", concept.text, settings.model)
+    return call_served(
+        lambda base_url: generate_lists(concept, settings, base_url),
+        serve=llm_config.get("serve"),
+        model=settings.model,
+        base_url=settings.base_url,
         startup_timeout=llm_config.get("startup_timeout", 600),
         log_path=server_log,
-    ) as base_url:
-        log.info("%s: asking LLM %s", concept.text, settings.model)
-        return generate_lists(concept, settings, base_url)
+    )
 
 
 def run(concept: Concept, config: dict, output: str, server_log: str | None = None) -> None:

@@ -16,17 +16,15 @@ import math
 import os
 from pathlib import Path
 
-import openai
 import pandas as pd
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
-from .serving import ManagedServer
+from .serving import TRANSIENT, call_served, openai_client
 
 log = logging.getLogger(__name__)
 
 CHOICES = ["yes", "no"]
-_TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
 def image_sha256(path: str | Path) -> str:
@@ -109,11 +107,11 @@ def request_body(model: str, image_path: str | Path, question: str) -> dict:
 async def _judge_rows(
     rows: list[dict], *, base_url: str, settings: dict, cache: JudgmentCache, progress: bool
 ) -> None:
-    client = openai.AsyncOpenAI(
-        base_url=base_url,
-        api_key=os.environ.get(settings.get("api_key_env", "VLLM_API_KEY")) or "EMPTY",
+    client = openai_client(
+        base_url,
+        api_key_env=settings.get("api_key_env", "VLLM_API_KEY"),
         timeout=settings.get("timeout", 120),
-        max_retries=0,
+        asynchronous=True,
     )
     semaphore = asyncio.Semaphore(settings.get("concurrency", 32))
     bar = tqdm(total=len(rows), disable=not progress, unit="img")
@@ -121,7 +119,7 @@ async def _judge_rows(
     async def one(row: dict) -> None:
         async with semaphore:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_TRANSIENT),
+                retry=retry_if_exception_type(TRANSIENT),
                 stop=stop_after_attempt(settings.get("max_retries", 4)),
                 wait=wait_exponential(multiplier=0.2, max=5),
                 reraise=True,
@@ -211,31 +209,19 @@ def _run(coroutine) -> None:
 
 
 def _judge_with_server(rows, settings, cache, server_log, progress) -> None:
-    def judge(pending, base_url):
+    def judge_unjudged(base_url):
+        pending = [r for r in rows if r["key"] not in cache]
         _run(
             _judge_rows(
                 pending, base_url=base_url, settings=settings, cache=cache, progress=progress
             )
         )
 
-    if not settings.get("serve"):
-        judge(rows, settings["base_url"])
-        return
-    server = ManagedServer(
-        settings["serve"],
-        settings["model"],
+    call_served(
+        judge_unjudged,
+        serve=settings.get("serve"),
+        model=settings["model"],
+        base_url=settings.get("base_url"),
         startup_timeout=settings.get("startup_timeout", 1800),
         log_path=server_log,
     )
-    try:
-        base_url = server.start()
-        try:
-            judge(rows, base_url)
-        except _TRANSIENT:
-            if server.alive:
-                raise
-            log.warning("judge server died mid-run; restarting it once for the unjudged images")
-            base_url = server.restart()
-            judge([r for r in rows if r["key"] not in cache], base_url)
-    finally:
-        server.stop()

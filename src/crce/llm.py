@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from tenacity import (
 
 from .concepts import Concept
 from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance
+from .serving import TRANSIENT, openai_client
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +143,6 @@ def violations(answer: _Answer, concept: str) -> list[str]:
     return problems
 
 
-_TRANSIENT = (
-    openai.APIConnectionError,  # includes timeouts and refused connections
-    openai.RateLimitError,
-    openai.InternalServerError,
-)
-
-
-def _client(settings: LLMSettings, base_url: str | None) -> openai.OpenAI:
-    # The key is read here and handed to the client only; it is never logged or written.
-    api_key = os.environ.get(settings.api_key_env) or "EMPTY"
-    return openai.OpenAI(
-        api_key=api_key, base_url=base_url, timeout=settings.timeout, max_retries=0
-    )
-
-
 def _response_format(settings: LLMSettings) -> dict | None:
     if settings.structured_output == "json_schema":
         return {
@@ -171,10 +156,10 @@ def _response_format(settings: LLMSettings) -> dict | None:
 
 def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None) -> ConceptLists:
     """Ask the LLM for the concept's lists; re-ask on rule violations, retry transport errors."""
-    client = _client(settings, base_url)
+    client = openai_client(base_url, api_key_env=settings.api_key_env, timeout=settings.timeout)
 
     @retry(
-        retry=retry_if_exception_type(_TRANSIENT),
+        retry=retry_if_exception_type(TRANSIENT),
         stop=stop_after_attempt(settings.max_retries),
         wait=wait_exponential(multiplier=0.5, max=settings.retry_wait_max),
         reraise=True,
@@ -205,7 +190,7 @@ def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None
     for attempt in range(1, settings.max_attempts + 1):
         try:
             raw = ask(messages)
-        except _TRANSIENT as err:
+        except TRANSIENT as err:
             raise LLMError(
                 f"{where}: no LLM answered at {base_url or 'the default OpenAI endpoint'} "
                 f"after {settings.max_retries} tries ({type(err).__name__}: {err})"

@@ -1,9 +1,10 @@
-"""Lifecycle of the model servers a job starts (LLM, vLLM judge, fakes, toy servers).
+"""The one client/server layer for OpenAI-compatible model servers (LLM, vLLM judge, fakes,
+toy servers): the client, the errors worth retrying, and a server's lifecycle.
 
 Convention shared by every server: the command is a template with `{port}` and `{model}`
 (and `{python}`, this interpreter) placeholders; the job picks a free port on 127.0.0.1,
-starts the command in its own process group, waits until `GET /v1/models` answers, and kills
-the whole group when done.
+starts the command in its own process group, waits until `GET /v1/models` answers, restarts
+it once if it dies mid-run, and kills the whole group when done.
 """
 
 from __future__ import annotations
@@ -18,11 +19,28 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import openai
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors a retry (or a restarted server) can cure: refused connections and timeouts, 429, 5xx.
+TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+def openai_client(
+    base_url: str | None, *, api_key_env: str, timeout: float, asynchronous: bool = False
+):
+    """A client for `base_url` (None: OpenAI's own endpoint). Retries are the caller's (tenacity),
+    so the client makes none. The key is read here and handed to the client only: it is never
+    logged or written."""
+    api_key = os.environ.get(api_key_env) or "EMPTY"
+    cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return cls(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
 
 class ServerError(RuntimeError):
@@ -144,21 +162,29 @@ class ManagedServer:
         return "\nlast server output:\n" + "\n".join(tail)
 
 
-@contextmanager
-def served(
-    command: str | None,
+def call_served(
+    work: Callable[[str | None], T],
+    *,
+    serve: str | None,
     model: str,
     base_url: str | None,
-    *,
     startup_timeout: float = 600.0,
     log_path: str | Path | None = None,
-) -> Iterator[str | None]:
-    """Yield the base URL to talk to: a started server's, or `base_url` when none is started."""
-    if not command:
-        yield base_url
-        return
-    server = ManagedServer(command, model, startup_timeout=startup_timeout, log_path=log_path)
+) -> T:
+    """Run `work(base_url)` against the endpoint: `base_url` itself when `serve` is None, else a
+    server started for the job. A server that dies mid-run is restarted once and `work` is
+    called again (it must skip what it already finished); the server is always stopped."""
+    if not serve:
+        return work(base_url)
+    server = ManagedServer(serve, model, startup_timeout=startup_timeout, log_path=log_path)
     try:
-        yield server.start()
+        url = server.start()
+        try:
+            return work(url)
+        except TRANSIENT:
+            if server.alive:
+                raise
+            log.warning("the server died mid-run; restarting it once for the unfinished work")
+            return work(server.restart())
     finally:
         server.stop()
