@@ -46,9 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build = build_tiny_pipeline if args.model == "tiny" else build_sd14_size_pipeline
         pipe = load_pipeline(str(build(Path(tmp) / "m")), dtype=dtype, device=device)
-        plan = plan_images(
-            split(), method="sd", seed=0, images_per_prompt=8, retain_question="retain"
-        )
+        plan = plan_images(split(), method="sd", seed=0, images_per_prompt=8)
         plan = plan.head(args.images)
         ours, baseline = [], []
         for r in range(args.rounds + 1):  # round 0 warms up

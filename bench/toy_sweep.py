@@ -17,8 +17,9 @@ from collections import Counter
 
 import torch
 
-from crce.erase import Eraser, TrainSettings
+from crce.erase import Eraser
 from crce.modeling import load_pipeline
+from crce.settings import TrainSettings
 from crce.split import make_split
 from crce.worlds.toy.classifier import load_classifier
 from crce.worlds.toy.world import as_lists, shape_of
@@ -76,9 +77,11 @@ def main() -> None:
     }
     for text in args.setting:
         strategy, values = parse_setting(text)
-        settings = TrainSettings(strategy=strategy, device="cpu", seed=args.seed, **values)
+        settings = TrainSettings(strategy=strategy, precision="float32", **values)
         began = time.perf_counter()
-        Eraser(pipe, settings, args.concept, split).train(progress=False)
+        Eraser(pipe, {strategy: settings}, args.concept, split, seed=args.seed).train(
+            progress=False
+        )
         trained_s = time.perf_counter() - began
         results[f"{text} ({trained_s:.0f} s)"] = probe(
             pipe, classifier, classes, prompts, args.images, args.steps, args.guidance

@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import make_cat_split as split  # noqa: E402
 from sd14 import build_sd14_size_pipeline  # noqa: E402
 
-from crce.erase import Eraser, TrainSettings  # noqa: E402
+from crce.erase import Eraser  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
+from crce.settings import TrainSettings  # noqa: E402
 from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 
@@ -79,7 +80,7 @@ def main() -> None:
         build = build_tiny_pipeline if args.model == "tiny" else build_sd14_size_pipeline
         path = str(build(Path(tmp) / args.model))
         for method in args.methods.split(","):
-            kw = dict(lr=1e-5, ddim_steps=args.ddim_steps, seed=0)
+            kw = dict(lr=1e-5, ddim_steps=args.ddim_steps)
             if method == "crce":
                 kw.update(strategy="crce", n_corefs=5, n_retains=3)
             else:
@@ -94,11 +95,12 @@ def main() -> None:
                 # Both in memory, steps alternated: the machine's noise hits both alike.
                 ours = Eraser(
                     load_pipeline(path, dtype=dtype),
-                    TrainSettings(**kw, precision=precision),
+                    {method: TrainSettings(**kw, precision=precision)},
                     "cat",
                     split(),
+                    seed=0,
                 )
-                ref = ReferenceTrainer(load_pipeline(path), "cat", split(), **kw)
+                ref = ReferenceTrainer(load_pipeline(path), "cat", split(), **kw, seed=0)
                 times = {"trainer": [], "reference": []}
                 for k in range(args.iterations + 2):
                     for name, step in (("trainer", ours.step), ("reference", ref.step)):
@@ -111,13 +113,15 @@ def main() -> None:
             else:
                 # One model on the GPU at a time, so each peak memory is its own.
                 pipe = load_pipeline(path, dtype=dtype, device=device)
-                ours = Eraser(pipe, TrainSettings(**kw, precision=precision), "cat", split())
+                ours = Eraser(
+                    pipe, {method: TrainSettings(**kw, precision=precision)}, "cat", split(), seed=0
+                )
                 times, peak = measure(ours.step, args.iterations, device)
                 row["trainer"] = {**summary(times), "peak_gib": peak, "precision": precision}
                 del ours, pipe
                 torch.cuda.empty_cache()
                 pipe = load_pipeline(path, device=device)
-                ref = ReferenceTrainer(pipe, "cat", split(), **kw)
+                ref = ReferenceTrainer(pipe, "cat", split(), **kw, seed=0)
                 times, peak = measure(ref.step, args.iterations, device)
                 row["reference"] = {**summary(times), "peak_gib": peak, "precision": "float32"}
                 row["memory_ratio"] = row["trainer"]["peak_gib"] / peak

@@ -5,8 +5,16 @@ import torch
 from reference_trainer import ReferenceTrainer
 from safetensors.torch import load_file
 
-from crce.erase import Eraser, TrainingError, TrainSettings, sphere_neighbours
+from crce.erase import Eraser, TrainingError
 from crce.modeling import load_pipeline
+from crce.settings import (
+    SettingsError,
+    SphereSettings,
+    TrainRuntime,
+    TrainSettings,
+    resolve_method,
+)
+from crce.strategies import sphere_neighbours
 
 torch.set_num_threads(2)
 
@@ -19,7 +27,12 @@ CASES = {
         strategy="crce", n_corefs=2, n_retains=2, xt_model="frozen", params="xattn-qk"
     ),
 }
-COMMON = dict(lr=1e-4, ddim_steps=6, eta=1.0, start_guidance=3.0, seed=123)
+COMMON = dict(lr=1e-4, ddim_steps=6, eta=1.0, start_guidance=3.0)
+SEED = 123
+
+
+def eraser(pipe, split, seed=SEED, **settings):
+    return Eraser(pipe, {"m": TrainSettings(**settings)}, "cat", split, seed=seed)
 
 
 def rel(a, b):
@@ -29,135 +42,132 @@ def rel(a, b):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_the_naive_reference(tiny_model, cat_split, case):
     kw = {**COMMON, **CASES[case]}
-    ours = Eraser(
-        load_pipeline(tiny_model),
-        TrainSettings(**kw, iterations=3, precision="float32"),
-        "cat",
-        cat_split,
-    )
-    ref = ReferenceTrainer(load_pipeline(tiny_model), "cat", cat_split, **kw)
+    ours = eraser(load_pipeline(tiny_model), cat_split, **kw, iterations=3, precision="float32")
+    ref = ReferenceTrainer(load_pipeline(tiny_model), "cat", cat_split, **kw, seed=SEED)
 
     ours.optimizer.zero_grad()
-    loss = ours.loss(0)
+    loss = ours.losses(0)["m"]
     loss.backward()
     ref.optimizer.zero_grad()
     ref_loss = ref.loss(0)
     ref_loss.backward()
     assert rel(loss.detach(), ref_loss.detach()) <= 1e-5
     ref_grads = ref.grads()
-    assert set(ref_grads) == set(ours.trained)
+    assert set(ref_grads) == set(ours.trained["m"])
     for name, grad in ref_grads.items():
         assert grad.abs().sum() > 0, f"{name}: zero gradient, the test would prove nothing"
-        assert rel(ours.trained[name].grad, grad) <= 1e-5, name
+        assert rel(ours.trained["m"][name].grad, grad) <= 1e-5, name
     ours.optimizer.step()
     ref.optimizer.step()
     for iteration in (1, 2):
         ours.step(iteration)
         ref.step(iteration)
     for name, tensor in ref.tensors().items():
-        assert rel(ours.trained[name].detach(), tensor) <= 1e-5, name
+        assert rel(ours.trained["m"][name].detach(), tensor) <= 1e-5, name
 
 
 def test_default_trains_only_attn2_kv_and_qk_option(tiny_model, cat_split):
-    kv = Eraser(load_pipeline(tiny_model), TrainSettings(iterations=1), "cat", cat_split)
-    assert kv.trained and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv.trained)
-    qk = Eraser(
-        load_pipeline(tiny_model), TrainSettings(iterations=1, params="xattn-qk"), "cat", cat_split
-    )
-    assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in qk.trained)
+    kv = eraser(load_pipeline(tiny_model), cat_split, iterations=1).trained["m"]
+    assert kv and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv)
+    qk = eraser(load_pipeline(tiny_model), cat_split, iterations=1, params="xattn-qk").trained["m"]
+    assert all(".attn2.to_q." in n or ".attn2.to_k." in n for n in qk)
 
 
 def test_erasure_is_real(tiny_model, cat_split):
     pipe = load_pipeline(tiny_model)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    settings = TrainSettings(strategy="esd", lr=2e-3, iterations=25, ddim_steps=4, seed=5)
-    eraser = Eraser(pipe, settings, "cat", cat_split)
+    erase = eraser(pipe, cat_split, seed=5, strategy="esd", lr=2e-3, iterations=25, ddim_steps=4)
 
     def distance_to_anchor(trained: bool) -> float:
         total = 0.0
         with torch.no_grad():
             for k in range(100, 106):
-                plan = eraser.plan(k)
-                x = eraser.sample_xt(plan)
+                ddim_index, noise, _ = erase.draw(k)
+                x = erase.sample_xt(ddim_index, noise)
                 t = torch.tensor(500)
-                frozen = eraser._unet(
-                    torch.cat([x, x]), t, torch.cat([eraser.uncond, eraser.target]), True
-                )
+                frozen = erase._unet(torch.cat([x, x]), t, torch.cat([erase.uncond, erase.target]))
                 anchor = frozen[0:1] - (frozen[1:2] - frozen[0:1])
-                pred = eraser._unet(x, t, eraser.target, frozen=not trained)
+                pred = erase._unet(x, t, erase.target, [1] if trained else None)
                 total += (pred - anchor).pow(2).mean().item()
         return total
 
     before = distance_to_anchor(trained=False)
-    eraser.train(progress=False)
+    erase.train(progress=False)
     after = distance_to_anchor(trained=True)
     assert after < before
     for name, tensor in pipe.unet.state_dict().items():
-        if name not in eraser.trained:
+        if name not in erase.trained["m"]:
             assert torch.equal(tensor, base[name]), name
         else:
             assert not torch.equal(tensor, base[name]), name
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(
-    tiny_model, cat_split, tmp_path, monkeypatch
-):
-    settings = dict(
-        strategy="crce",
-        n_corefs=3,
-        n_retains=2,
-        lr=1e-3,
-        iterations=5,
-        ddim_steps=4,
-        checkpoint_every=2,
-        seed=9,
-    )
-    straight = Eraser(load_pipeline(tiny_model), TrainSettings(**settings), "cat", cat_split)
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model, cat_split, tmp_path):
+    settings = dict(strategy="crce", n_corefs=3, n_retains=2, lr=1e-3, iterations=5, ddim_steps=4)
+    runtime = TrainRuntime(checkpoint_every=2)
+
+    def make():
+        return Eraser(
+            load_pipeline(tiny_model),
+            {"m": TrainSettings(**settings)},
+            "cat",
+            cat_split,
+            seed=9,
+            runtime=runtime,
+        )
+
+    straight = make()
     straight.train(tmp_path / "a", progress=False)
 
-    monkeypatch.setenv("CRCE_FAULT_AT_ITERATION", "3")
-    first = Eraser(load_pipeline(tiny_model), TrainSettings(**settings), "cat", cat_split)
-    with pytest.raises(TrainingError, match="injected fault at iteration 3"):
-        first.train(tmp_path / "b", progress=False)
-    second = Eraser(load_pipeline(tiny_model), TrainSettings(**settings), "cat", cat_split)
-    summary = second.train(tmp_path / "b", progress=False)
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(iteration):
+        if iteration == 2:
+            raise Killed  # a preempted job: iteration 2 done, its last checkpoint after 1
+
+    with pytest.raises(Killed):
+        make().train(tmp_path / "b", progress=False, on_iteration=kill_after_2)
+    second = make()
+    summary = second.train(tmp_path / "b", progress=False)["m"]
     assert summary["resumed_at"] == 2
-    for name, tensor in straight.delta().items():
-        assert torch.equal(second.delta()[name], tensor), name
-    assert (
-        summary["loss"]["every"] == straight.train(tmp_path / "a", progress=False)["loss"]["every"]
-    )
+    for name, tensor in straight.deltas()["m"].items():
+        assert torch.equal(second.deltas()["m"][name], tensor), name
+    again = straight.train(tmp_path / "a", progress=False)["m"]
+    assert summary["loss"]["every"] == again["loss"]["every"]
+    assert summary["history"] == again["history"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, cat_split, tmp_path):
-    settings = TrainSettings(
-        strategy="esd", lr=1e30, iterations=6, ddim_steps=3, checkpoint_every=1, seed=1
+    erase = Eraser(
+        load_pipeline(tiny_model),
+        {"m": TrainSettings(strategy="esd", lr=1e30, iterations=6, ddim_steps=3)},
+        "cat",
+        cat_split,
+        seed=1,
+        runtime=TrainRuntime(checkpoint_every=1),
     )
-    eraser = Eraser(load_pipeline(tiny_model), settings, "cat", cat_split)
     with pytest.raises(
         TrainingError, match=r"loss is (nan|inf|-inf) at iteration \d.*checkpoint kept"
     ):
-        eraser.train(tmp_path, progress=False)
+        erase.train(tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["iteration"] >= 1 and all(torch.isfinite(torch.tensor(state["losses"])))
+    losses = [h["loss"] for h in state["history"]["m"]]
+    assert state["iteration"] >= 1 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_too_few_train_items_is_a_clear_error(tiny_model, cat_split):
     with pytest.raises(TrainingError, match="M=11 corefs.*has 10"):
-        Eraser(
-            load_pipeline(tiny_model), TrainSettings(strategy="crce", n_corefs=11), "cat", cat_split
-        )
+        eraser(load_pipeline(tiny_model), cat_split, strategy="crce", n_corefs=11)
 
 
 @pytest.mark.parametrize("key, value", [("strategy", "magic"), ("params", "everything")])
 def test_unknown_names_fail(key, value):
-    with pytest.raises(TrainingError, match=value):
-        TrainSettings.resolve({}, {key: value}, seed=0)
+    with pytest.raises(SettingsError, match=value):
+        resolve_method("x", {key: value}, {})
 
 
 def test_sphere_neighbours_obey_their_rules():
-    from crce.erase import SphereSettings
-
     embedding = torch.randn(16, 32)
     sphere = SphereSettings(radius=2.0, coref_cos_min=0.5, coref_cos_max=0.9, retain_cos_max=0.5)
     corefs, retains = sphere_neighbours(embedding, 10, 2, sphere, torch.Generator().manual_seed(0))
@@ -174,24 +184,24 @@ def test_sphere_neighbours_obey_their_rules():
 
 @pytest.mark.parametrize("strategy, m, n", [("sphere", 5, 3), ("realera", 10, 2)])
 def test_sphere_strategies_are_deterministic_and_learn(tiny_model, cat_split, strategy, m, n):
-    settings = TrainSettings(
-        strategy=strategy, n_corefs=m, n_retains=n, lr=2e-3, iterations=16, ddim_steps=3, seed=2
+    settings = dict(
+        strategy=strategy, n_corefs=m, n_retains=n, lr=2e-3, iterations=16, ddim_steps=3
     )
     runs = []
     for _ in range(2):
-        eraser = Eraser(load_pipeline(tiny_model), settings, "cat", cat_split)
-        runs.append((eraser.train(progress=False)["loss"]["every"], eraser.delta()))
+        erase = eraser(load_pipeline(tiny_model), cat_split, seed=2, **settings)
+        runs.append((erase.train(progress=False)["m"]["loss"]["every"], erase.deltas()["m"]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     # The loss on a fixed iteration's batch falls with training.
-    eraser = Eraser(load_pipeline(tiny_model), settings, "cat", cat_split)
+    erase = eraser(load_pipeline(tiny_model), cat_split, seed=2, **settings)
     probe = 1 if strategy == "realera" else 0  # a neighbour iteration for RealEra
     with torch.no_grad():
-        start = eraser.loss(probe).item()
+        start = erase.losses(probe)["m"].item()
     for it in range(16):
-        eraser.step(it)
+        erase.step(it)
     with torch.no_grad():
-        end = eraser.loss(probe).item()
+        end = erase.losses(probe)["m"].item()
     assert end < start
 
 
@@ -200,26 +210,18 @@ def test_delta_loads_into_a_pipeline(tiny_model, cat_split, tmp_path):
 
     split_path = tmp_path / "split.json"
     split_path.write_text(cat_split.model_dump_json())
-    config = {
-        "seed": 1,
-        "model": {"pretrained": tiny_model},
-        "train": {
-            "iterations": 2,
-            "ddim_steps": 3,
-            "lr": 1e-3,
-            "precision": "float32",
-            "device": "cpu",
-            "checkpoint_every": 1,
-        },
-    }
+    settings = TrainSettings(
+        strategy="crce", iterations=2, ddim_steps=3, lr=1e-3, precision="float32"
+    )
     output = tmp_path / "crce" / "cat" / "delta.safetensors"
     run(
         concept={"id": "cat", "text": "cat", "category": "object"},
-        method="crce",
-        method_spec={"strategy": "crce", "n_corefs": 5, "n_retains": 3, "label": "CRCE"},
-        config=config,
+        methods={"crce": settings.as_params()},
+        model=tiny_model,
+        seed=1,
+        runtime={"device": "cpu", "checkpoint_every": 1},
         split_path=str(split_path),
-        output=str(output),
+        outputs={"crce": str(output)},
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     tensors = load_file(output)

@@ -16,6 +16,7 @@ from crce.modeling import load_pipeline
 from crce.sample import plan_images, sample_images
 from crce.sample import run as sample_run
 from crce.serving import render_command
+from crce.settings import JudgeRuntime, JudgeSettings, SampleRuntime, SampleSettings
 
 
 def test_vllm_command_from_the_default_config():
@@ -33,10 +34,8 @@ def test_vllm_command_from_the_default_config():
 
 
 def test_plan_has_31_prompts_and_method_independent_seeds(cat_split):
-    a = plan_images(cat_split, method="sd", seed=42, images_per_prompt=3, retain_question="retain")
-    b = plan_images(
-        cat_split, method="crce", seed=42, images_per_prompt=3, retain_question="retain"
-    )
+    a = plan_images(cat_split, method="sd", seed=42, images_per_prompt=3)
+    b = plan_images(cat_split, method="crce", seed=42, images_per_prompt=3)
     assert a["prompt"].nunique() == 31 and len(a) == 93
     assert a["group"].value_counts().to_dict() == {
         "target": 3,
@@ -46,18 +45,19 @@ def test_plan_has_31_prompts_and_method_independent_seeds(cat_split):
         "retain_test": 15,
     }
     assert list(a["seed"]) == list(b["seed"]) and a["seed"].nunique() == 93
-    retain = a[a["group"] == "retain_test"].iloc[0]
-    coref = a[a["group"] == "coref_test"].iloc[0]
-    assert retain["question"] == retain["prompt"] and coref["question"] == "cat"
-    t = plan_images(cat_split, method="sd", seed=42, images_per_prompt=1, retain_question="target")
-    assert set(t["question"]) == {"cat"}
+
+
+def test_the_judge_asks_about_the_target_or_the_retain():
+    from crce.judge import judge_question
+
+    assert judge_question("retain_test", "dog breed 3", "cat", "retain") == "dog breed 3"
+    assert judge_question("coref_test", "kitty", "cat", "retain") == "cat"
+    assert judge_question("retain_test", "dog breed 3", "cat", "target") == "cat"
 
 
 def test_retried_sampling_keeps_written_images(tiny_model, cat_split, tmp_path):
     pipe = load_pipeline(tiny_model)
-    plan = plan_images(
-        cat_split, method="sd", seed=1, images_per_prompt=1, retain_question="retain"
-    ).head(6)
+    plan = plan_images(cat_split, method="sd", seed=1, images_per_prompt=1).head(6)
     kw = dict(steps=2, guidance=7.5, resolution=32, batch_size=4, progress=False)
     assert sample_images(pipe, plan, tmp_path, **kw)["sampled"] == 6
     kept = {p: (tmp_path / p).stat().st_mtime_ns for p in plan["path"][:4]}
@@ -75,39 +75,32 @@ def test_retried_sampling_keeps_written_images(tiny_model, cat_split, tmp_path):
 def test_changed_settings_clear_stale_images(tiny_model, cat_split, tmp_path):
     split_path = tmp_path / "split.json"
     split_path.write_text(cat_split.model_dump_json())
-    config = {
-        "seed": 1,
-        "model": {"pretrained": tiny_model},
-        "judge": {"retain_question": "retain"},
-        "sample": {
-            "images_per_prompt": 1,
-            "batch_size": 64,
-            "steps": 1,
-            "guidance": 7.5,
-            "resolution": 32,
-            "precision": "float32",
-            "device": "cpu",
-        },
-    }
-    manifest = tmp_path / "images" / "manifest.parquet"
-    sample_run(
-        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
+    settings = SampleSettings(
+        images_per_prompt=1, steps=1, guidance=7.5, resolution=32, precision="float32"
     )
+    manifest = tmp_path / "images" / "manifest.parquet"
+
+    def sample(settings):
+        sample_run(
+            split_path=str(split_path),
+            method="sd",
+            settings=settings,
+            runtime=SampleRuntime(batch_size=64, device="cpu"),
+            model=tiny_model,
+            seed=1,
+            delta=None,
+            manifest=str(manifest),
+        )
+
+    sample(settings)
     stale = manifest.parent / "stale.png"
     stale.write_bytes(b"x")
-    sample_run(
-        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
-    )
+    sample(settings)
     assert stale.exists()  # same job retried: kept
-    config["sample"]["steps"] = 2
-    sample_run(
-        split_path=str(split_path), method="sd", config=config, delta=None, manifest=str(manifest)
-    )
+    sample(settings.model_copy(update={"steps": 2}))
     assert not stale.exists()  # new settings: folder cleared
     frame = pd.read_parquet(manifest)
-    assert {"method", "concept", "group", "prompt", "question", "seed", "path"} <= set(
-        frame.columns
-    )
+    assert {"method", "concept", "group", "prompt", "seed", "path"} <= set(frame.columns)
     assert len(frame) == 31
 
 
@@ -121,21 +114,17 @@ def _manifest(tmp_path, method, n=6):
         Image.new("RGB", (8, 8), (k * 40 % 256, len(method) * 20, 7)).save(path)
         group = ["target", "coref_test", "retain_test"][k % 3]
         rows.append({"method": method, "concept": "cat", "concept_text": "cat", "category": "object", "group": group,
-                     "prompt": f"p{k % 3}", "question": "cat" if group != "retain_test" else "p2",
-                     "image_index": k, "seed": k, "path": str(path)})  # fmt: skip
+                     "prompt": f"p{k % 3}", "image_index": k, "seed": k, "path": str(path)})  # fmt: skip
     out = tmp_path / f"{method}.parquet"
     pd.DataFrame(rows).to_parquet(out)
     return str(out)
 
 
-JUDGE = {
-    "model": "fake-judge",
-    "prompt": "Same concept as <X>? yes or no.",
-    "prompt_version": "v1",
-    "concurrency": 4,
-    "max_retries": 2,
-    "timeout": 10,
-}
+JUDGE = JudgeSettings(
+    model="fake-judge", prompt="Same concept as <X>? yes or no.", prompt_version="v1"
+)
+SERVE = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"
+RUNTIME = JudgeRuntime(serve=SERVE, concurrency=4, max_retries=2, timeout=10)
 
 
 def test_fake_rejects_what_vllm_rejects(fake_server, tmp_path):
@@ -164,52 +153,48 @@ def test_fake_rejects_what_vllm_rejects(fake_server, tmp_path):
 def test_judging_answers_and_caches(tmp_path):
     manifests = [_manifest(tmp_path, "sd"), _manifest(tmp_path, "crce")]
     outputs = [str(tmp_path / "j" / "sd.parquet"), str(tmp_path / "j" / "crce.parquet")]
-    settings = {
-        **JUDGE,
-        "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}",
-        "base_url": None,
-    }
-    judge_manifests(
-        manifests, outputs, settings=settings, cache_path=tmp_path / "cache.jsonl", progress=False
-    )
+    cache = tmp_path / "cache.jsonl"
+
+    def judge(settings=JUDGE):
+        judge_manifests(
+            manifests, outputs, settings=settings, runtime=RUNTIME, cache_path=cache, progress=False
+        )
+
+    judge()
     frame = pd.read_parquet(outputs[0])
     assert len(frame) == 6 and set(frame["answer"]) <= {"yes", "no"}
     assert ((frame["p_yes"] >= 0.5) == (frame["answer"] == "yes")).all()
     assert set(frame["judge_model"]) == {"fake-judge"} and set(frame["prompt_version"]) == {"v1"}
-    lines = (tmp_path / "cache.jsonl").read_text().splitlines()
-    assert len(lines) == 12
+    assert list(frame["question"]) == ["cat", "cat", "p2"] * 2  # retains: asked about themselves
+    assert len(cache.read_text().splitlines()) == 12
     # A third method: only its 6 new images are sent.
     manifests.append(_manifest(tmp_path, "esd-x"))
     outputs.append(str(tmp_path / "j" / "esd-x.parquet"))
-    judge_manifests(
-        manifests, outputs, settings=settings, cache_path=tmp_path / "cache.jsonl", progress=False
-    )
-    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 18
+    judge()
+    assert len(cache.read_text().splitlines()) == 18
     # A new prompt version re-judges everything.
-    judge_manifests(
-        manifests,
-        outputs,
-        settings={**settings, "prompt_version": "v2"},
-        cache_path=tmp_path / "cache.jsonl",
-        progress=False,
-    )
-    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 36
+    judge(JUDGE.model_copy(update={"prompt_version": "v2"}))
+    assert len(cache.read_text().splitlines()) == 36
 
 
 def test_killing_the_server_loses_no_judged_row(tmp_path):
+    import openai
+
     manifests = [_manifest(tmp_path, "sd", n=30)]
     outputs = [str(tmp_path / "j" / "sd.parquet")]
     cache = tmp_path / "cache.jsonl"
-    dying = {**JUDGE, "concurrency": 1, "base_url": None,
-             "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}} --die-after 10"}  # fmt: skip
+    dying = RUNTIME.model_copy(update={"concurrency": 1, "serve": SERVE + " --die-after 10"})
     # Dies after 10, is restarted once, dies after 10 more: the job fails with 20 rows kept.
-    with pytest.raises(Exception):  # noqa: B017 - a connection error, whatever its class
-        judge_manifests(manifests, outputs, settings=dying, cache_path=cache, progress=False)
+    with pytest.raises(openai.APIConnectionError):
+        judge_manifests(
+            manifests, outputs, settings=JUDGE, runtime=dying, cache_path=cache, progress=False
+        )
     kept = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(kept) == 20 and len({r["key"] for r in kept}) == 20
     # The retried job judges only the 10 missing images.
-    healthy = {**dying, "serve": f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"}
-    judge_manifests(manifests, outputs, settings=healthy, cache_path=cache, progress=False)
+    judge_manifests(
+        manifests, outputs, settings=JUDGE, runtime=RUNTIME, cache_path=cache, progress=False
+    )
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 30 and len({r["key"] for r in rows}) == 30
     assert len(pd.read_parquet(outputs[0])) == 30

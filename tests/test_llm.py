@@ -3,20 +3,25 @@ import json
 import pytest
 
 from crce.concepts import Concept
-from crce.llm import LLMError, LLMSettings, generate_lists, parse_answer, violations
+from crce.llm import LLMError, generate_lists, parse_answer, violations
 from crce.serving import ManagedServer, ServerError, call_served, free_port
+from crce.settings import ListSettings, LlmRuntime
 
 CAT = Concept(id="bat-animal", text="bat (animal)", category="object")
 
 
-def settings(**kw):
-    base = dict(model="fake", max_attempts=3, max_retries=3, retry_wait_max=0.05, timeout=10)
-    return LLMSettings(**{**base, **kw})
+SETTINGS = ListSettings(model="fake")
+
+
+def runtime(**kw):
+    return LlmRuntime(
+        **{**dict(max_attempts=3, max_retries=3, retry_wait_max=0.05, timeout=10), **kw}
+    )
 
 
 def test_good_lists(fake_server):
     server = fake_server(["good"])
-    lists = generate_lists(CAT, settings(), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
     assert len(lists.corefs) == 15 and len(lists.retains) == 15
     assert lists.provenance.source == "llm" and lists.provenance.attempts == 1
     assert lists.provenance.prompt_version and lists.provenance.raw_response
@@ -26,41 +31,41 @@ def test_good_lists(fake_server):
 @pytest.mark.parametrize("bad", ["malformed", "short", "duplicates", "target", "overlap"])
 def test_rule_violations_are_re_asked(fake_server, bad):
     server = fake_server([bad, "good"])
-    lists = generate_lists(CAT, settings(), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
     assert lists.provenance.attempts == 2
     assert not violations(parse_answer(lists.provenance.raw_response), CAT.text)
 
 
 def test_fenced_json_is_accepted(fake_server):
     server = fake_server(["fenced"])
-    lists = generate_lists(CAT, settings(), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
     assert lists.provenance.attempts == 1 and len(lists.corefs) == 15
 
 
 @pytest.mark.parametrize("transient", ["error500", "error429"])
 def test_transient_errors_are_retried(fake_server, transient):
     server = fake_server([transient, transient, "good"])
-    lists = generate_lists(CAT, settings(), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
     assert lists.provenance.attempts == 1
 
 
 def test_slow_answer_times_out_then_retries(fake_server, monkeypatch):
     monkeypatch.setenv("FAKE_SLOW_SECONDS", "3")
     server = fake_server(["slow", "good"])
-    lists = generate_lists(CAT, settings(timeout=1.0), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(timeout=1.0), server.base_url)
     assert len(lists.corefs) == 15
 
 
 def test_bounded_attempts_then_clear_error(fake_server):
     server = fake_server(["short"] * 5)
     with pytest.raises(LLMError, match=r"bat \(animal\).*no valid answer after 2 attempts.*corefs"):
-        generate_lists(CAT, settings(max_attempts=2), server.base_url)
+        generate_lists(CAT, SETTINGS, runtime(max_attempts=2), server.base_url)
 
 
 def test_unreachable_llm_names_the_concept():
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(LLMError, match=r"'bat \(animal\)'.*no LLM answered"):
-        generate_lists(CAT, settings(max_retries=2), url)
+        generate_lists(CAT, SETTINGS, runtime(max_retries=2), url)
 
 
 def test_violations_listed():
@@ -82,7 +87,7 @@ def test_api_key_never_reaches_outputs(fake_server, tmp_path, monkeypatch):
     server = fake_server(["malformed", "good"])
     from crce.lists import write_model
 
-    lists = generate_lists(CAT, settings(api_key_env="MY_KEY"), server.base_url)
+    lists = generate_lists(CAT, SETTINGS, runtime(api_key_env="MY_KEY"), server.base_url)
     write_model(lists, tmp_path / "out.json")
     assert secret not in (tmp_path / "out.json").read_text()
     assert secret not in (tmp_path / "server.log").read_text()

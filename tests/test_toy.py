@@ -9,8 +9,9 @@ from helpers import REPO, make_workdir, snakemake
 from PIL import Image
 
 from crce.concepts import Concept
-from crce.llm import LLMSettings, generate_lists, parse_answer, violations
+from crce.llm import generate_lists, parse_answer, violations
 from crce.serving import ManagedServer
+from crce.settings import JudgeRuntime, JudgeSettings, ListSettings, LlmRuntime
 from crce.worlds.toy import world
 
 TOY = REPO / "resources" / "toy"
@@ -64,7 +65,8 @@ def test_toy_llm_answers_through_the_openai_client(tmp_path):
         url = server.start()
         lists = generate_lists(
             Concept(id="circle", text="circle", category="object"),
-            LLMSettings(model="toy-llm"),
+            ListSettings(model="toy-llm"),
+            LlmRuntime(),
             url,
         )
     finally:
@@ -84,13 +86,16 @@ def test_toy_judge_reads_renders(tmp_path):
         name = rng.choice(world.ontology()["shapes"][asked]["names"])
         path = tmp_path / f"{k}.png"
         Image.fromarray(world.render(shape, colour, rng)).save(path)
-        rows.append({"method": "sd", "concept": "x", "concept_text": "x", "category": "object", "group": "target",
-                     "prompt": name, "question": f"a {colour} {name}", "image_index": k, "seed": k,
-                     "path": str(path), "truth": shape == asked})  # fmt: skip
+        # A retain image is asked about its own prompt.
+        rows.append({"method": "sd", "concept": "x", "concept_text": "x", "category": "object",
+                     "group": "retain_test", "prompt": f"a {colour} {name}", "image_index": k,
+                     "seed": k, "path": str(path), "truth": shape == asked})  # fmt: skip
     pd.DataFrame(rows).drop(columns="truth").to_parquet(tmp_path / "m.parquet")
-    settings = {"model": "toy-judge", "serve": SERVER, "prompt": "Is it the same concept as <X>? yes or no.",
-                "prompt_version": "t", "startup_timeout": 60}  # fmt: skip
+    settings = JudgeSettings(
+        model="toy-judge", prompt="Is it the same concept as <X>? yes or no.", prompt_version="t"
+    )
     judge_manifests([str(tmp_path / "m.parquet")], [str(tmp_path / "sd.parquet")], settings=settings,
+                    runtime=JudgeRuntime(serve=SERVER, startup_timeout=60),
                     cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
     answers = pd.read_parquet(tmp_path / "sd.parquet")["answer"] == "yes"
     accuracy = float(np.mean(answers.to_numpy() == np.array([r["truth"] for r in rows])))

@@ -7,11 +7,11 @@ import torch
 
 from .lists import Split
 from .modeling import encode_prompts, load_pipeline
+from .settings import GROUPS
 
 
 def text_distances(pipe, split: Split) -> pd.DataFrame:
-    groups = ("coref_train", "coref_test", "retain_train", "retain_test")
-    items = [(g, i.text, i.certainty.value) for g in groups for i in getattr(split, g)]
+    items = [(g, i.text, i.certainty.value) for g in GROUPS[1:] for i in getattr(split, g)]
     embeddings = encode_prompts(pipe, [split.concept] + [text for _, text, _ in items])
     flat = embeddings.flatten(1).float()  # what the UNet is conditioned on
     target = flat[0:1]

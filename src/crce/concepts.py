@@ -8,7 +8,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-CATEGORIES = ("object", "ip", "celebrity")
+from .settings import CATEGORIES
+
 _SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 

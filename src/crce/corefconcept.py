@@ -12,9 +12,15 @@ from pathlib import Path
 
 from .concepts import Concept
 from .lists import Certainty, ConceptLists, GivenSplit, Item, Provenance, Warning_
+from .settings import N_TEST, N_TRAIN
 
 PARTS = ("train-coref", "test-coref", "train-retain", "test-retain")
-EXPECTED_LENGTH = {"train-coref": 10, "test-coref": 5, "train-retain": 10, "test-retain": 5}
+EXPECTED_LENGTH = {
+    "train-coref": N_TRAIN,
+    "test-coref": N_TEST,
+    "train-retain": N_TRAIN,
+    "test-retain": N_TEST,
+}
 LOWEST = Certainty.very_low
 
 

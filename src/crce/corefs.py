@@ -10,8 +10,9 @@ from pathlib import Path
 from .concepts import Concept
 from .corefconcept import find_entry, import_entry
 from .lists import ConceptLists, Provenance, Warning_, write_model
-from .llm import LLMSettings, generate_lists
+from .llm import generate_lists
 from .serving import call_served
+from .settings import LIST_LENGTH, ListSettings, LlmRuntime
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,12 @@ def curated_lists(path: Path, concept: Concept) -> ConceptLists:
     data["id"], data["category"] = concept.id, concept.category
     warnings = [
         Warning_(
-            concept=concept.text, field=name, what=f"{len(data.get(name, []))} items, expected 15"
+            concept=concept.text,
+            field=name,
+            what=f"{len(data.get(name, []))} items, expected {LIST_LENGTH}",
         )
         for name in ("corefs", "retains")
-        if len(data.get(name, [])) != 15
+        if len(data.get(name, [])) != LIST_LENGTH
     ]
     provenance = data.get("provenance") or {}
     data["provenance"] = Provenance(
@@ -38,50 +41,44 @@ def curated_lists(path: Path, concept: Concept) -> ConceptLists:
     return ConceptLists.model_validate(data)
 
 
-def llm_settings(llm_config: dict) -> LLMSettings:
-    keys = LLMSettings.__dataclass_fields__
-    return LLMSettings(**{k: v for k, v in llm_config.items() if k in keys})
-
-
 def build_lists(
     concept: Concept,
-    *,
-    curated_dir: str | None,
-    corefconcept_dir: str | None,
-    llm_config: dict,
+    settings: ListSettings,
+    runtime: LlmRuntime,
     server_log: str | Path | None = None,
 ) -> ConceptLists:
-    curated = Path(curated_dir) / f"{concept.id}.json" if curated_dir else None
+    curated = Path(settings.curated_dir) / f"{concept.id}.json" if settings.curated_dir else None
     if curated and curated.is_file():
         log.info("%s: curated list %s", concept.text, curated)
         return curated_lists(curated, concept)
-    if corefconcept_dir:
-        found = find_entry(corefconcept_dir, concept.text)
+    if settings.corefconcept_dir:
+        found = find_entry(settings.corefconcept_dir, concept.text)
         if found:
             entry, source_file = found
             log.info("%s: CorefConcept entry in %s", concept.text, source_file.name)
             return import_entry(entry, concept, source_file.name)
-        log.info("%s: not in the CorefConcept dataset at %s", concept.text, corefconcept_dir)
-    settings = llm_settings(llm_config)
+        log.info(
+            "%s: not in the CorefConcept dataset at %s", concept.text, settings.corefconcept_dir
+        )
     log.info("%s: asking LLM %s", concept.text, settings.model)
     return call_served(
-        lambda base_url: generate_lists(concept, settings, base_url),
-        serve=llm_config.get("serve"),
+        lambda base_url: generate_lists(concept, settings, runtime, base_url),
+        serve=runtime.serve,
         model=settings.model,
-        base_url=settings.base_url,
-        startup_timeout=llm_config.get("startup_timeout", 600),
+        base_url=runtime.base_url,
+        startup_timeout=runtime.startup_timeout,
         log_path=server_log,
     )
 
 
-def run(concept: Concept, config: dict, output: str, server_log: str | None = None) -> None:
-    lists = build_lists(
-        concept,
-        curated_dir=config["corefs"].get("curated_dir"),
-        corefconcept_dir=config["corefs"].get("corefconcept_dir"),
-        llm_config=config["llm"],
-        server_log=server_log,
-    )
+def run(
+    concept: Concept,
+    settings: ListSettings,
+    runtime: LlmRuntime,
+    output: str,
+    server_log: str | None = None,
+) -> None:
+    lists = build_lists(concept, settings, runtime, server_log=server_log)
     for warning in lists.provenance.warnings:
         log.warning("%s: %s: %s", warning.concept, warning.field, warning.what)
     write_model(lists, output)

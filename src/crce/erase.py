@@ -1,41 +1,40 @@
-"""One trainer for every erasure strategy (ESD-x, CRCE, CRCE-Fixed, CRCE-Sphere, RealEra).
+"""The erasure engine: model calls, optimiser and checkpoints for every iterative strategy
+(ESD-x, CRCE, CRCE-Fixed, CRCE-Sphere, RealEra; what each trains on is in crce.strategies).
 
-Speed and memory: one UNet in memory; the frozen model is the same module with a frozen copy
-of the trained tensors swapped in functionally; all frozen predictions of an iteration run in
-one batched UNet call and all trainable predictions in another; text embeddings of every
-prompt are computed once; optional bf16 autocast keeps fp32 master copies of trained tensors.
+Speed and memory: one UNet in memory; the frozen model is the same UNet computing with the
+base tensors; all frozen predictions of an iteration run in one batched UNet call and all
+trainable ones in another; prompts are encoded once; optional bf16 autocast keeps fp32 masters.
+Several methods of one concept can train at once (a group): they draw the same DDIM index and
+x_T noise at every iteration, so one batch carries all of them, each slice computed with its
+own method's trained tensors (`_LinearCopies`).
 
-Randomness protocol (the reference in tests/ repeats it): iteration k draws from a generator
-seeded with `iteration_seed(seed, k)`, in this order: the DDIM step i ~ U{1..ddim_steps-1},
-the x_T noise, then the coref and retain draws of the strategy. A run therefore needs no RNG
-state beyond its iteration counter, and a resumed run draws exactly what it would have drawn.
+Randomness: iteration k draws from a generator seeded with derive_seed("crce-train", seed, k):
+the DDIM index i ~ U{1..ddim_steps-1}, the x_T noise, then the strategy's draws. A run needs
+no RNG state beyond its iteration counter, and a resumed run draws exactly what it would have.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .losses import erasure_loss, esd_anchor
 from .modeling import device_for, encode_prompts, load_pipeline
+from .settings import TrainRuntime, TrainSettings, derive_seed
+from .strategies import STRATEGIES, Prompts, TrainingError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("none", "esd", "crce", "sphere", "realera")
-
-
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["Eraser", "TrainingError", "run"]
 
 
 def _is_attn2(name: str) -> bool:
@@ -51,146 +50,154 @@ PARAM_SETS = {
         not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
     ),
 }
+# Settings every method of a group must share: one rollout and one schedule serve them all.
+GROUP_KEYS = ("params", "ddim_steps", "iterations", "start_guidance", "xt_model", "precision")
 
 
-@dataclass
-class SphereSettings:
-    radius: float = 2.0
-    coref_cos_min: float = 0.5
-    coref_cos_max: float = 0.9
-    retain_cos_max: float = 0.5
+def group_key(settings: TrainSettings) -> tuple:
+    return tuple(getattr(settings, key) for key in GROUP_KEYS)
 
 
-@dataclass
-class TrainSettings:
-    strategy: str = "esd"
-    n_corefs: int = 5
-    n_retains: int = 3
-    fixed: bool = False
-    params: str = "xattn-kv"
-    lr: float = 1e-5
-    iterations: int = 500
-    eta: float = 1.0
-    coref_anchor: str = "target"
-    xt_model: str = "trained"
-    start_guidance: float = 3.0
-    ddim_steps: int = 50
-    alpha: float = 1.0
-    beta: float = 1.0
-    sphere: SphereSettings = field(default_factory=SphereSettings)
-    precision: str = "float32"
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 50
-    device: str = "auto"
-    seed: int = 0
+class _SwapCopies:
+    """One method, any parameter set: the UNet holds the fp32 trained tensors; frozen calls
+    swap in a copy of the base tensors functionally (no second UNet)."""
 
-    @classmethod
-    def resolve(cls, train: dict, method: dict, seed: int) -> TrainSettings:
-        """`train.*` defaults overridden by the method's own keys."""
-        merged = {**train, **{k: v for k, v in method.items() if k != "label"}}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise TrainingError(f"unknown training key(s): {', '.join(unknown)}")
-        if merged.get("strategy", "esd") not in STRATEGIES:
-            raise TrainingError(f"unknown strategy {merged['strategy']!r}")
-        if merged.get("params", "xattn-kv") not in PARAM_SETS:
-            raise TrainingError(f"unknown trained-parameter set {merged['params']!r}")
-        merged["sphere"] = SphereSettings(**merged.get("sphere", {}))
-        return cls(**merged, seed=seed)
+    def __init__(self, unet, names: list[str]):
+        parameters = dict(unet.named_parameters())
+        for name in names:
+            parameters[name].data = parameters[name].data.float()  # fp32 master copy
+            parameters[name].requires_grad_(True)
+        self.trained = [{name: parameters[name] for name in names}]
+        self.frozen = {name: parameters[name].detach().clone() for name in names}
+
+    def __call__(self, forward, latents, timestep, context, slices):
+        if slices is None:
+            return torch.func.functional_call(
+                forward,
+                self.frozen,
+                (latents, timestep),
+                {"encoder_hidden_states": context},
+                strict=False,
+            ).sample
+        return forward(latents, timestep, encoder_hidden_states=context).sample
 
 
-def iteration_seed(seed: int, iteration: int) -> int:
-    digest = hashlib.sha256(f"crce-train:{seed}:{iteration}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+class _MultiLinear(torch.nn.Module):
+    """A Linear with one trainable copy of its selected tensors per method: batch slice k is
+    computed with copy k; outside a routed call the base tensors serve (the frozen model)."""
 
+    def __init__(self, base: torch.nn.Linear, trained: list[str], copies: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.trained = trained  # "weight" and/or "bias"
+        self.copies = torch.nn.ModuleList()
+        for _ in range(copies):
+            copy = torch.nn.Module()
+            for attr in trained:
+                tensor = getattr(base, attr).detach().float().clone()
+                copy.register_parameter(attr, torch.nn.Parameter(tensor))
+            self.copies.append(copy)
+        self.slices: list[int] | None = None
 
-def run_seed(base_seed: int, method: str, concept_id: str) -> int:
-    digest = hashlib.sha256(f"{base_seed}:{method}:{concept_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-@dataclass
-class Plan:
-    """What one iteration trains on (drawn by the randomness protocol)."""
-
-    ddim_index: int
-    noise: torch.Tensor
-    coref_embeddings: torch.Tensor
-    coref_weights: torch.Tensor
-    retain_embeddings: torch.Tensor
-    retain_weights: torch.Tensor
-    esd_term: bool = True
-
-
-def sphere_neighbours(
-    embedding: torch.Tensor,
-    n_corefs: int,
-    n_retains: int,
-    sphere: SphereSettings,
-    generator: torch.Generator,
-    max_draws: int = 10_000,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RealEra-style neighbours e + r (v - e)/|v - e|, r ~ U[0, radius |e|], v - e a Gaussian
-    direction; kept as corefs when cos(e, n) is in [coref_cos_min, coref_cos_max], as retains
-    when cos(e, n) < retain_cos_max. The radius is relative to |e|, so one setting fits any
-    text encoder."""
-    flat = embedding.flatten().float()
-    norm = flat.norm()
-    corefs, retains = [], []
-    for _ in range(max_draws):
-        if len(corefs) >= n_corefs and len(retains) >= n_retains:
-            break
-        direction = torch.randn(flat.shape, generator=generator, dtype=torch.float32)
-        direction = direction / direction.norm()
-        radius = torch.rand((), generator=generator) * sphere.radius * norm
-        neighbour = flat + radius * direction
-        cos = torch.nn.functional.cosine_similarity(flat, neighbour, dim=0).item()
-        if sphere.coref_cos_min <= cos <= sphere.coref_cos_max and len(corefs) < n_corefs:
-            corefs.append(neighbour)
-        elif cos < sphere.retain_cos_max and len(retains) < n_retains:
-            retains.append(neighbour)
-    if len(corefs) < n_corefs or len(retains) < n_retains:
-        raise TrainingError(
-            f"sphere sampling found {len(corefs)}/{n_corefs} corefs and {len(retains)}/{n_retains} "
-            f"retains in {max_draws} draws; widen train.sphere.radius or the cosine bands"
+    def _tensors(self, k: int):
+        weight = getattr(self.copies[k], "weight", None) if "weight" in self.trained else None
+        bias = getattr(self.copies[k], "bias", None) if "bias" in self.trained else None
+        return (self.base.weight if weight is None else weight), (
+            self.base.bias if bias is None else bias
         )
-    shape = (-1, *embedding.shape)
-    as_batch = lambda items: torch.stack(items).reshape(shape).to(embedding.dtype)  # noqa: E731
-    return as_batch(corefs[:n_corefs]), as_batch(retains[:n_retains])
+
+    def forward(self, x):
+        if self.slices is None:
+            return F.linear(x, self.base.weight, self.base.bias)
+        parts = x.split(self.slices)
+        return torch.cat([F.linear(p, *self._tensors(k)) for k, p in enumerate(parts)])
+
+
+class _LinearCopies:
+    """Several methods over Linear layers (every attn2 set): each selected Linear becomes a
+    `_MultiLinear`, so one UNet call computes every method's slice with its own tensors."""
+
+    def __init__(self, unet, names: list[str], copies: int):
+        by_module: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            module, attr = name.rsplit(".", 1)
+            by_module[module].append(attr)
+        self.layers: list[_MultiLinear] = []
+        self.trained: list[dict[str, torch.nn.Parameter]] = [{} for _ in range(copies)]
+        for path, attrs in by_module.items():
+            base = unet.get_submodule(path)
+            if type(base) is not torch.nn.Linear:
+                raise TrainingError(
+                    f"grouped training needs Linear layers; {path} is {type(base).__name__} "
+                    "(train this parameter set one method at a time)"
+                )
+            layer = _MultiLinear(base, attrs, copies)
+            unet.set_submodule(path, layer)
+            self.layers.append(layer)
+            for k, copy in enumerate(layer.copies):
+                for attr in attrs:
+                    self.trained[k][f"{path}.{attr}"] = getattr(copy, attr)
+
+    def __call__(self, forward, latents, timestep, context, slices):
+        for layer in self.layers:
+            layer.slices = slices
+        try:
+            return forward(latents, timestep, encoder_hidden_states=context).sample
+        finally:
+            for layer in self.layers:
+                layer.slices = None
 
 
 class Eraser:
-    """Fine-tunes the UNet of `pipe` so the target (and its corefs) stop appearing."""
+    """Fine-tunes the UNet of `pipe` so the target (and its corefs) stop appearing, for one
+    method or for a group of methods at once (`methods`: name -> settings)."""
 
-    def __init__(self, pipe, settings: TrainSettings, target: str, split=None):
-        self.settings = s = settings
+    def __init__(
+        self,
+        pipe,
+        methods: dict[str, TrainSettings],
+        target: str,
+        split=None,
+        *,
+        seed: int,
+        runtime: TrainRuntime | None = None,
+    ):
+        if not methods:
+            raise TrainingError("no method to train")
+        self.names = list(methods)
+        self.settings = methods
+        self.runtime = runtime = runtime or TrainRuntime()
+        keys = {group_key(s) for s in methods.values()}
+        if len(keys) > 1:
+            raise TrainingError(
+                f"methods {', '.join(self.names)} differ in {'/'.join(GROUP_KEYS)}: "
+                "they cannot train as one group"
+            )
+        self.shared = s = next(iter(methods.values()))
+        self.seed = seed
         self.pipe = pipe
         self.unet = pipe.unet
         self.device = self.unet.device
         self.autocast = s.precision == "bfloat16" and self.device.type == "cuda"
         if s.precision == "bfloat16" and not self.autocast:
             log.warning("bfloat16 requested on %s: training in float32", self.device.type)
-        if s.strategy == "none":
-            raise TrainingError("strategy 'none' trains nothing (the SD baseline has no erase job)")
 
         select = PARAM_SETS[s.params]
         self.unet.requires_grad_(False)
-        self.trained: dict[str, torch.nn.Parameter] = {}
-        for name, param in self.unet.named_parameters():
-            if select(name):
-                param.data = param.data.float()  # fp32 master copy
-                param.requires_grad_(True)
-                self.trained[name] = param
-        if not self.trained:
+        names = [name for name, _ in self.unet.named_parameters() if select(name)]
+        if not names:
             raise TrainingError(f"parameter set {s.params!r} selects no UNet tensor")
-        # The frozen model = the same UNet with these tensors swapped in (no second UNet).
-        self.frozen = {name: p.detach().clone() for name, p in self.trained.items()}
-        if s.gradient_checkpointing:
+        if len(methods) == 1:
+            self.copies = _SwapCopies(self.unet, names)
+        else:
+            self.copies = _LinearCopies(self.unet, names, len(methods))
+        self.trained = dict(zip(self.names, self.copies.trained, strict=True))
+        if runtime.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.forward = torch.compile(self.unet) if s.compile else self.unet
-        self.optimizer = torch.optim.Adam(self.trained.values(), lr=s.lr)
+        self.forward = torch.compile(self.unet) if runtime.compile else self.unet
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(self.trained[m].values()), "lr": methods[m].lr} for m in self.names]
+        )
 
         from diffusers import DDIMScheduler
 
@@ -198,221 +205,217 @@ class Eraser:
         self.scheduler.set_timesteps(s.ddim_steps)
         self.train_timesteps = self.scheduler.config.num_train_timesteps
 
-        coref_items = list(split.coref_train) if split is not None else []
-        retain_items = list(split.retain_train) if split is not None else []
-        if s.strategy == "crce":
-            if len(coref_items) < s.n_corefs or len(retain_items) < s.n_retains:
-                raise TrainingError(
-                    f"{target!r}: method draws M={s.n_corefs} corefs and N={s.n_retains} retains "
-                    f"per iteration, but the train split has {len(coref_items)} and "
-                    f"{len(retain_items)}"
-                )
-        self.coref_texts = [i.text for i in coref_items] if s.strategy == "crce" else []
-        self.retain_texts = [i.text for i in retain_items] if s.strategy == "crce" else []
-        # Every prompt is encoded once for the whole run.
-        embeddings = encode_prompts(pipe, ["", target, *self.coref_texts, *self.retain_texts])
-        self.uncond, self.target = embeddings[0:1], embeddings[1:2]
-        n_c = len(self.coref_texts)
-        self.coref_bank = embeddings[2 : 2 + n_c]
-        self.retain_bank = embeddings[2 + n_c :]
-        self.coref_bank_weights = torch.tensor([i.weight for i in coref_items], device=self.device)
-        self.retain_bank_weights = torch.tensor(
-            [i.weight for i in retain_items], device=self.device
-        )
+        self.strategies = {
+            m: STRATEGIES[settings.strategy](settings, target, split, seed)
+            for m, settings in methods.items()
+        }
+        texts = [t for strategy in self.strategies.values() for t in strategy.texts()]
+        self.prompts = Prompts(lambda p: encode_prompts(pipe, p), target, texts)
+        for strategy in self.strategies.values():
+            strategy.prepare(self.prompts, self.device)
+        self.uncond, self.target = self.prompts.uncond, self.prompts.target
         channels = self.unet.config.in_channels
         size = self.unet.config.sample_size
         self.latent_shape = (1, channels, size, size)
-        self.fixed_draw = self._draw_lists(
-            torch.Generator().manual_seed(iteration_seed(s.seed, -1))
-        )
 
     # -- randomness protocol -------------------------------------------------------------
-    def _draw_lists(self, generator: torch.Generator):
-        s = self.settings
-        if s.strategy != "crce":
-            return None
-        coref_idx = torch.randperm(len(self.coref_texts), generator=generator)[: s.n_corefs]
-        retain_idx = torch.randperm(len(self.retain_texts), generator=generator)[: s.n_retains]
-        return coref_idx.tolist(), retain_idx.tolist()
-
-    def plan(self, iteration: int) -> Plan:
-        s = self.settings
-        generator = torch.Generator().manual_seed(iteration_seed(s.seed, iteration))
-        ddim_index = int(torch.randint(1, s.ddim_steps, (1,), generator=generator))
-        noise = torch.randn(self.latent_shape, generator=generator).to(self.device)
-        empty = self.target[:0]
-        no_weights = torch.zeros(0, device=self.device)
-        plan = Plan(ddim_index, noise, empty, no_weights, empty, no_weights)
-        if s.strategy == "crce":
-            draw = self.fixed_draw if s.fixed else self._draw_lists(generator)
-            coref_idx, retain_idx = draw
-            plan.coref_embeddings = self.coref_bank[coref_idx]
-            plan.coref_weights = self.coref_bank_weights[coref_idx]
-            plan.retain_embeddings = self.retain_bank[retain_idx]
-            plan.retain_weights = self.retain_bank_weights[retain_idx]
-        elif s.strategy in ("sphere", "realera"):
-            corefs, retains = sphere_neighbours(
-                self.target[0].cpu(), s.n_corefs, s.n_retains, s.sphere, generator
+    def draw(self, iteration: int) -> tuple[int, torch.Tensor, dict]:
+        """The DDIM index and x_T noise every method shares, then each method's plan."""
+        plans, shared = {}, None
+        for method, strategy in self.strategies.items():
+            # One generator per method, all seeded alike: each method draws what its own
+            # run would (grouped == separate), and i and x_T agree across the group.
+            generator = torch.Generator().manual_seed(
+                derive_seed("crce-train", self.seed, iteration)
             )
-            plan.coref_embeddings = corefs.to(self.device)
-            plan.retain_embeddings = retains.to(self.device)
-            plan.coref_weights = torch.ones(len(corefs), device=self.device)
-            plan.retain_weights = torch.ones(len(retains), device=self.device)
-            # RealEra alternates: anchor (ESD) iterations and neighbour iterations.
-            if s.strategy == "realera":
-                if iteration % 2 == 0:
-                    plan.coref_embeddings, plan.retain_embeddings = empty, empty
-                    plan.coref_weights = plan.retain_weights = no_weights
-                else:
-                    plan.esd_term = False
-        return plan
+            ddim_index = int(torch.randint(1, self.shared.ddim_steps, (1,), generator=generator))
+            noise = torch.randn(self.latent_shape, generator=generator)
+            shared = shared or (ddim_index, noise.to(self.device))
+            plans[method] = strategy.plan(iteration, generator)
+        return shared[0], shared[1], plans
 
     # -- model calls ---------------------------------------------------------------------
-    def _unet(self, latents, timestep, embeddings, frozen: bool):
+    def _unet(self, latents, timestep, context, slices=None):
+        """slices None: the frozen model; else slice k of the batch runs method k."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if frozen:
-                return torch.func.functional_call(
-                    self.forward,
-                    self.frozen,
-                    (latents, timestep),
-                    {"encoder_hidden_states": embeddings},
-                    strict=False,
-                ).sample
-            return self.forward(latents, timestep, encoder_hidden_states=embeddings).sample
+            return self.copies(self.forward, latents, timestep, context, slices)
 
     @torch.no_grad()
-    def sample_xt(self, plan: Plan) -> torch.Tensor:
-        """DDIM rollout from x_T for `ddim_index` steps, conditioned on the target (CFG)."""
-        s = self.settings
-        latents = plan.noise * self.scheduler.init_noise_sigma
-        context = torch.cat([self.uncond, self.target])
-        frozen = s.xt_model == "frozen"
-        for timestep in self.scheduler.timesteps[: plan.ddim_index]:
-            e_uncond, e_cond = self._unet(
-                torch.cat([latents] * 2), timestep, context, frozen
-            ).chunk(2)
+    def sample_xt(self, ddim_index: int, noise: torch.Tensor) -> torch.Tensor:
+        """DDIM rollout from x_T for `ddim_index` steps, conditioned on the target (CFG), one
+        latent per method (all alike when x_t comes from the frozen model)."""
+        s = self.shared
+        groups = 1 if s.xt_model == "frozen" else len(self.names)
+        latents = (noise * self.scheduler.init_noise_sigma).expand(groups, -1, -1, -1)
+        context = torch.cat([self.uncond, self.target] * groups)
+        slices = None if s.xt_model == "frozen" else [2] * groups
+        for timestep in self.scheduler.timesteps[:ddim_index]:
+            pairs = self._unet(latents.repeat_interleave(2, dim=0), timestep, context, slices)
+            e_uncond, e_cond = pairs[0::2], pairs[1::2]
             guided = e_uncond + s.start_guidance * (e_cond - e_uncond)
             latents = self.scheduler.step(guided.float(), timestep, latents).prev_sample
-        return latents
+        return latents.expand(len(self.names), -1, -1, -1)
 
-    def loss(self, iteration: int) -> torch.Tensor:
-        s = self.settings
-        plan = self.plan(iteration)
-        latents = self.sample_xt(plan)
-        # Official code: the 1000-step index int(i / ddim_steps * 1000).
-        timestep = torch.tensor(
-            int(plan.ddim_index / s.ddim_steps * self.train_timesteps), device=self.device
+    def unet_timestep(self, ddim_index: int) -> torch.Tensor:
+        """Official code: the 1000-step index int(i / ddim_steps * 1000)."""
+        return torch.tensor(
+            int(ddim_index / self.shared.ddim_steps * self.train_timesteps), device=self.device
         )
-        m, n = len(plan.coref_embeddings), len(plan.retain_embeddings)
-        self_anchor = s.coref_anchor == "self" and m > 0
-        frozen_context = [self.uncond, self.target]
-        if self_anchor:
-            frozen_context.append(plan.coref_embeddings)
-        frozen_context.append(plan.retain_embeddings)
-        frozen_context = torch.cat(frozen_context)
+
+    def losses(self, iteration: int) -> dict[str, torch.Tensor]:
+        ddim_index, noise, plans = self.draw(iteration)
+        xt = self.sample_xt(ddim_index, noise)
+        timestep = self.unet_timestep(ddim_index)
+        frozen_batches, trainable_batches = [], []
+        for method in self.names:
+            plan = plans[method]
+            self_anchor = plan.coref_anchor == "self" and len(plan.corefs) > 0
+            frozen = [self.uncond, self.target]
+            frozen += [plan.corefs] if self_anchor else []
+            frozen_batches.append(torch.cat([*frozen, plan.retains]))
+            trainable = [self.target] if plan.esd_term else []
+            trainable_batches.append(torch.cat([*trainable, plan.corefs, plan.retains]))
+        frozen_context = torch.cat(frozen_batches)
+        frozen_latents = torch.cat(
+            [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(frozen_batches)]
+        )
         with torch.no_grad():
-            frozen = self._unet(
-                latents.expand(len(frozen_context), -1, -1, -1), timestep, frozen_context, True
-            ).float()
-        e_uncond, e_target = frozen[0:1], frozen[1:2]
-        anchor = esd_anchor(e_uncond, e_target, s.eta)
-        if self_anchor:
-            coref_anchors = esd_anchor(e_uncond, frozen[2 : 2 + m], s.eta)
-        else:
-            coref_anchors = anchor.expand(m, -1, -1, -1)
-        frozen_retains = frozen[len(frozen) - n :]
-
-        trainable_context = [self.target] if plan.esd_term else []
-        trainable_context += [plan.coref_embeddings, plan.retain_embeddings]
-        trainable_context = torch.cat(trainable_context)
-        predictions = self._unet(
-            latents.expand(len(trainable_context), -1, -1, -1), timestep, trainable_context, False
+            frozen_all = self._unet(frozen_latents, timestep, frozen_context).float()
+        trainable_latents = torch.cat(
+            [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(trainable_batches)]
         )
-        offset = 1 if plan.esd_term else 0
-        return erasure_loss(
-            pred_target=predictions[0:1] if plan.esd_term else None,
-            anchor=anchor,
-            pred_corefs=predictions[offset : offset + m],
-            coref_anchors=coref_anchors,
-            coref_weights=plan.coref_weights,
-            pred_retains=predictions[offset + m :],
-            frozen_retains=frozen_retains,
-            retain_weights=plan.retain_weights,
-            alpha=s.alpha,
-            beta=s.beta,
+        predictions_all = self._unet(
+            trainable_latents,
+            timestep,
+            torch.cat(trainable_batches),
+            [len(b) for b in trainable_batches],
         )
+        frozen_parts = frozen_all.split([len(b) for b in frozen_batches])
+        prediction_parts = predictions_all.split([len(b) for b in trainable_batches])
+        losses = {}
+        for k, method in enumerate(self.names):
+            s, plan = self.settings[method], plans[method]
+            frozen, predictions = frozen_parts[k], prediction_parts[k]
+            m, n = len(plan.corefs), len(plan.retains)
+            e_uncond, e_target = frozen[0:1], frozen[1:2]
+            anchor = esd_anchor(e_uncond, e_target, s.eta)
+            if plan.coref_anchor == "self" and m > 0:
+                coref_anchors = esd_anchor(e_uncond, frozen[2 : 2 + m], s.eta)
+            else:
+                coref_anchors = anchor.expand(m, -1, -1, -1)
+            offset = 1 if plan.esd_term else 0
+            losses[method] = erasure_loss(
+                pred_target=predictions[0:1] if plan.esd_term else None,
+                anchor=anchor,
+                pred_corefs=predictions[offset : offset + m],
+                coref_anchors=coref_anchors,
+                coref_weights=plan.coref_weights,
+                pred_retains=predictions[offset + m :],
+                frozen_retains=frozen[len(frozen) - n :],
+                retain_weights=plan.retain_weights,
+                alpha=s.alpha,
+                beta=s.beta,
+                reduce=plan.reduce,
+            )
+        self.last_step = {"ddim_index": ddim_index, "timestep": int(timestep)}
+        return losses
 
-    def step(self, iteration: int) -> float:
+    def step(self, iteration: int) -> dict[str, float]:
+        """One optimiser step for every method; each method's loss reaches only its tensors."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(iteration)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at iteration {iteration}")
-        loss.backward()
+        losses = self.losses(iteration)
+        for method, loss in losses.items():
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{method}: loss is {loss.item()} at iteration {iteration}")
+        total = sum(losses.values()) if len(losses) > 1 else next(iter(losses.values()))
+        total.backward()
         self.optimizer.step()
-        return loss.item()
+        return {method: loss.item() for method, loss in losses.items()}
 
-    def delta(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().float().cpu().contiguous() for name, p in self.trained.items()}
+    def deltas(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each method's trained tensors, with the UNet's own (diffusers) names."""
+        return {
+            method: {name: p.detach().float().cpu().contiguous() for name, p in tensors.items()}
+            for method, tensors in self.trained.items()
+        }
 
     # -- checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self, folder: Path, iteration: int, losses: list[float]) -> None:
+    def _fingerprint(self) -> dict:
+        return {m: s.as_params() for m, s in self.settings.items()} | {"seed": self.seed}
+
+    def save_checkpoint(self, folder: Path, iteration: int, history: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         state = {
             "iteration": iteration,
-            "losses": losses,
-            "trained": self.delta(),
+            "history": history,
+            "trained": self.deltas(),
             "optimizer": self.optimizer.state_dict(),
-            "settings": asdict(self.settings),
+            "fingerprint": self._fingerprint(),
         }
         tmp = folder / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(folder / "checkpoint.pt")
 
-    def load_checkpoint(self, folder: Path) -> tuple[int, list[float]]:
+    def load_checkpoint(self, folder: Path) -> tuple[int, dict]:
         path = folder / "checkpoint.pt"
+        empty = {m: [] for m in self.names}
         if not path.exists():
-            return 0, []
+            return 0, empty
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["settings"] != asdict(self.settings):
+        if state.get("fingerprint") != self._fingerprint():
             log.warning("checkpoint %s was made with other settings: starting over", path)
-            return 0, []
+            return 0, empty
         with torch.no_grad():
-            for name, tensor in state["trained"].items():
-                self.trained[name].copy_(tensor)
+            for method, tensors in state["trained"].items():
+                for name, tensor in tensors.items():
+                    self.trained[method][name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         log.info("resuming from %s at iteration %d", path, state["iteration"])
-        return state["iteration"], state["losses"]
+        return state["iteration"], state["history"]
 
-    def train(self, checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict:
-        s = self.settings
+    def train(
+        self,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+        on_iteration=None,
+    ) -> dict[str, dict]:
+        """Train to the end (resuming from `checkpoint_dir`); `on_iteration(k)` is called
+        after each finished iteration (tests stop a run there)."""
+        s = self.shared
         folder = Path(checkpoint_dir) if checkpoint_dir else None
-        start, losses = self.load_checkpoint(folder) if folder else (0, [])
-        fault_at = int(os.environ.get("CRCE_FAULT_AT_ITERATION", "-1"))
+        start, history = (
+            self.load_checkpoint(folder) if folder else (0, {m: [] for m in self.names})
+        )
         began = time.perf_counter()
         bar = tqdm(
             range(start, s.iterations), initial=start, total=s.iterations, disable=not progress
         )
         for iteration in bar:
-            if iteration == fault_at and folder and not (folder / "fault-injected").exists():
-                (folder / "fault-injected").touch()  # fail once, as a preempted job would
-                raise TrainingError(f"injected fault at iteration {iteration} (test hook)")
             try:
-                losses.append(self.step(iteration))
+                losses = self.step(iteration)
             except TrainingError as err:
                 kept = f"; last good checkpoint kept in {folder}" if folder else ""
                 raise TrainingError(f"{err}{kept}") from err
-            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            for method, loss in losses.items():
+                history[method].append({**self.last_step, "loss": loss})
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3g}")
             done = iteration + 1
-            if folder and (done % s.checkpoint_every == 0 or done == s.iterations):
-                self.save_checkpoint(folder, done, losses)
+            if folder and (done % self.runtime.checkpoint_every == 0 or done == s.iterations):
+                self.save_checkpoint(folder, done, history)
+            if on_iteration:
+                on_iteration(iteration)
         elapsed = time.perf_counter() - began
         ran = s.iterations - start
         return {
-            "iterations": s.iterations,
-            "resumed_at": start,
-            "wall_seconds": elapsed,
-            "it_per_s": ran / elapsed if elapsed > 0 else None,
-            "loss": _loss_summary(losses),
+            method: {
+                "iterations": s.iterations,
+                "resumed_at": start,
+                "wall_seconds": elapsed,
+                "it_per_s": ran / elapsed if elapsed > 0 else None,
+                "loss": _loss_summary([h["loss"] for h in history[method]]),
+                "history": history[method],
+            }
+            for method in self.names
         }
 
 
@@ -444,57 +447,76 @@ def versions() -> dict:
     }
 
 
+def run_seed(base_seed: int, method: str, concept_id: str) -> int:
+    return derive_seed(base_seed, method, concept_id) & 0xFFFFFFFF
+
+
 def run(
     *,
     concept: dict,
-    method: str,
-    method_spec: dict,
-    config: dict,
+    methods: dict[str, dict],
+    model: str,
+    seed: int,
+    runtime: dict,
     split_path: str,
-    output: str,
+    outputs: dict[str, str],
     checkpoint_dir: str,
 ) -> None:
-    """The `erase` rule: train, then write delta.safetensors and train.json beside it."""
+    """The `erase` rules: train one method or a group, then write each method's
+    delta.safetensors and train.json."""
     from safetensors.torch import save_file
 
     from .lists import read_split
 
-    seed = run_seed(config["seed"], method, concept["id"])
-    settings = TrainSettings.resolve(config["train"], method_spec, seed)
-    device = device_for(settings.device)
+    settings = {m: TrainSettings(**spec) for m, spec in methods.items()}
+    runtime = TrainRuntime(**runtime)
+    (only,) = settings  # step R: one method per job
+    seed = run_seed(seed, only, concept["id"])
+    device = device_for(runtime.device)
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if settings.precision == "bfloat16" and device.type == "cuda" else None
-    pipe = load_pipeline(config["model"]["pretrained"], dtype=dtype or torch.float32, device=device)
+    first = next(iter(settings.values()))
+    bf16 = first.precision == "bfloat16" and device.type == "cuda"
+    pipe = load_pipeline(model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
     pipe.vae = None  # training works in latent space
-    log.info("erasing %r with %s: %s", concept["text"], method, json.dumps(asdict(settings)))
-    eraser = Eraser(pipe, settings, concept["text"], read_split(split_path))
-    log.info(
-        "%d trained tensors (%d parameters): %s ...",
-        len(eraser.trained),
-        sum(p.numel() for p in eraser.trained.values()),
-        ", ".join(list(eraser.trained)[:4]),
+    log.info("erasing %r with %s", concept["text"], json.dumps(methods))
+    eraser = Eraser(
+        pipe, settings, concept["text"], read_split(split_path), seed=seed, runtime=runtime
     )
-    summary = eraser.train(checkpoint_dir)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(eraser.delta(), str(output), metadata={"method": method, "concept": concept["id"]})
-    record = {
-        "concept": concept,
-        "method": method,
-        "settings": asdict(settings),
-        "model": config["model"]["pretrained"],
-        "seed": seed,
-        "device": str(device),
-        "host": platform.node(),
-        "versions": versions(),
-        **summary,
-    }
-    (output.parent / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    any_tensors = next(iter(eraser.trained.values()))
     log.info(
-        "done: %d iterations in %.1f s (%.2f it/s), loss %.4g -> %.4g",
-        summary["iterations"],
-        summary["wall_seconds"],
-        summary["it_per_s"] or 0,
-        summary["loss"].get("first", float("nan")),
-        summary["loss"].get("last", float("nan")),
+        "%d methods, %d trained tensors each (%d parameters): %s ...",
+        len(settings),
+        len(any_tensors),
+        sum(p.numel() for p in any_tensors.values()),
+        ", ".join(list(any_tensors)[:4]),
     )
+    summaries = eraser.train(checkpoint_dir)
+    deltas = eraser.deltas()
+    for method, output in outputs.items():
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            deltas[method], str(output), metadata={"method": method, "concept": concept["id"]}
+        )
+        summary = summaries[method]
+        record = {
+            "concept": concept,
+            "method": method,
+            "settings": methods[method],
+            "model": model,
+            "seed": seed,
+            "device": str(device),
+            "host": platform.node(),
+            "versions": versions(),
+            **summary,
+        }
+        (output.parent / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+        log.info(
+            "%s done: %d iterations in %.1f s (%.2f it/s), loss %.4g -> %.4g",
+            method,
+            summary["iterations"],
+            summary["wall_seconds"],
+            summary["it_per_s"] or 0,
+            summary["loss"].get("first", float("nan")),
+            summary["loss"].get("last", float("nan")),
+        )

@@ -48,12 +48,11 @@ def concept_grid(manifests: list[str], labels: dict[str, str], output: str) -> N
     plt.close(fig)
 
 
-def category_bars(metrics_path: str, methods: dict, category: str, output: str) -> None:
+def category_bars(metrics_path: str, labels: dict[str, str], category: str, output: str) -> None:
     metrics = pd.read_parquet(metrics_path)
-    labels = {m: spec.get("label", m) for m, spec in methods.items()}
     metrics = metrics[metrics["category"] == category]
     means = metrics.groupby(["method", "metric"])["accuracy"].mean() * 100
-    order = method_order(list(methods), labels)
+    order = method_order(list(labels), labels)
     names = list(METRICS.values())
     width = 0.8 / max(1, len(order))
     fig, ax = plt.subplots(figsize=(9, 3.5))

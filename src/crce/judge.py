@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from tqdm import tqdm
 
 from .serving import TRANSIENT, call_served, openai_client
+from .settings import JudgeRuntime, JudgeSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,15 @@ CHOICES = ["yes", "no"]
 
 def image_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def judge_question(group: str, prompt: str, target: str, retain_question: str) -> str:
+    """The concept <X> the judge is asked about: the target for target and coref images (does
+    the erased concept still appear?), the retain's own text for retain images (is it still
+    drawn?) unless `retain_question` is 'target'."""
+    if group.startswith("retain") and retain_question == "retain":
+        return prompt
+    return target
 
 
 def question_text(template: str, concept: str) -> str:
@@ -105,28 +115,34 @@ def request_body(model: str, image_path: str | Path, question: str) -> dict:
 
 
 async def _judge_rows(
-    rows: list[dict], *, base_url: str, settings: dict, cache: JudgmentCache, progress: bool
+    rows: list[dict],
+    *,
+    base_url: str,
+    settings: JudgeSettings,
+    runtime: JudgeRuntime,
+    cache: JudgmentCache,
+    progress: bool,
 ) -> None:
     client = openai_client(
         base_url,
-        api_key_env=settings.get("api_key_env", "VLLM_API_KEY"),
-        timeout=settings.get("timeout", 120),
+        api_key_env=runtime.api_key_env,
+        timeout=runtime.timeout,
         asynchronous=True,
     )
-    semaphore = asyncio.Semaphore(settings.get("concurrency", 32))
+    semaphore = asyncio.Semaphore(runtime.concurrency)
     bar = tqdm(total=len(rows), disable=not progress, unit="img")
 
     async def one(row: dict) -> None:
         async with semaphore:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TRANSIENT),
-                stop=stop_after_attempt(settings.get("max_retries", 4)),
+                stop=stop_after_attempt(runtime.max_retries),
                 wait=wait_exponential(multiplier=0.2, max=5),
                 reraise=True,
             ):
                 with attempt:
                     response = await client.chat.completions.create(
-                        **request_body(settings["model"], row["path"], row["question_text"])
+                        **request_body(settings.model, row["path"], row["question_text"])
                     )
         choice = response.choices[0]
         answer = (choice.message.content or "").strip().lower()
@@ -138,8 +154,8 @@ async def _judge_rows(
                 "key": row["key"],
                 "answer": answer,
                 "p_yes": p_yes if p_yes is not None else float(answer == "yes"),
-                "judge_model": settings["model"],
-                "prompt_version": settings["prompt_version"],
+                "judge_model": settings.model,
+                "prompt_version": settings.prompt_version,
             }
         )
         bar.update()
@@ -157,7 +173,8 @@ def judge_manifests(
     manifests: list[str],
     outputs: list[str],
     *,
-    settings: dict,
+    settings: JudgeSettings,
+    runtime: JudgeRuntime,
     cache_path: str | Path,
     server_log: str | Path | None = None,
     progress: bool = True,
@@ -166,11 +183,17 @@ def judge_manifests(
     frames = [pd.read_parquet(m) for m in manifests]
     everything = pd.concat(frames, ignore_index=True)
     everything["image_sha256"] = [image_sha256(p) for p in everything["path"]]
+    everything["question"] = [
+        judge_question(g, p, t, settings.retain_question)
+        for g, p, t in zip(
+            everything["group"], everything["prompt"], everything["concept_text"], strict=True
+        )
+    ]
     everything["question_text"] = [
-        question_text(settings["prompt"], q) for q in everything["question"]
+        question_text(settings.prompt, q) for q in everything["question"]
     ]
     everything["key"] = [
-        cache_key(sha, q, settings["model"], settings["prompt_version"])
+        cache_key(sha, q, settings.model, settings.prompt_version)
         for sha, q in zip(everything["image_sha256"], everything["question_text"], strict=True)
     ]
     cache = JudgmentCache(cache_path)
@@ -184,7 +207,7 @@ def judge_manifests(
             len(unique),
         )
         if unique:
-            _judge_with_server(unique, settings, cache, server_log, progress)
+            _judge_with_server(unique, settings, runtime, cache, server_log, progress)
     finally:
         cache.close()
     answers = pd.DataFrame([cache.rows[k] for k in everything["key"]])
@@ -208,20 +231,25 @@ def _run(coroutine) -> None:
         raise first from None
 
 
-def _judge_with_server(rows, settings, cache, server_log, progress) -> None:
+def _judge_with_server(rows, settings, runtime, cache, server_log, progress) -> None:
     def judge_unjudged(base_url):
         pending = [r for r in rows if r["key"] not in cache]
         _run(
             _judge_rows(
-                pending, base_url=base_url, settings=settings, cache=cache, progress=progress
+                pending,
+                base_url=base_url,
+                settings=settings,
+                runtime=runtime,
+                cache=cache,
+                progress=progress,
             )
         )
 
     call_served(
         judge_unjudged,
-        serve=settings.get("serve"),
-        model=settings["model"],
-        base_url=settings.get("base_url"),
-        startup_timeout=settings.get("startup_timeout", 1800),
+        serve=runtime.serve,
+        model=settings.model,
+        base_url=runtime.base_url,
+        startup_timeout=runtime.startup_timeout,
         log_path=server_log,
     )

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .settings import Category
+
 
 class Certainty(StrEnum):
     very_high = "Very High"
@@ -76,7 +78,7 @@ class ConceptLists(_Strict):
 
     concept: str
     id: str
-    category: Literal["object", "ip", "celebrity"]
+    category: Category
     corefs: list[Item]
     retains: list[Item]
     given_split: GivenSplit | None = None
@@ -88,7 +90,7 @@ class Split(_Strict):
 
     concept: str
     id: str
-    category: Literal["object", "ip", "celebrity"]
+    category: Category
     seed: int | None = None  # None when the source's own split was used
     coref_train: list[WeightedItem]
     coref_test: list[WeightedItem]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 
 import openai
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,11 +18,10 @@ from tenacity import (
 from .concepts import Concept
 from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance
 from .serving import TRANSIENT, openai_client
+from .settings import LIST_LENGTH, ListSettings, LlmRuntime
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "appendix-a-v1"
-LIST_LENGTH = 15
 
 SYSTEM_PROMPT = (
     "You help build evaluation data for concept erasure in text-to-image models. "
@@ -62,21 +60,6 @@ class _Answer(BaseModel):
 
 class LLMError(RuntimeError):
     """No usable answer: the server did not answer, or every attempt broke a rule."""
-
-
-@dataclass
-class LLMSettings:
-    model: str
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    seed: int | None = 0
-    timeout: float = 120.0
-    max_attempts: int = 3  # re-asks after a rule violation
-    max_retries: int = 4  # transport retries (429, 5xx, timeouts, refused connections)
-    retry_wait_max: float = 20.0
-    structured_output: str = "json_schema"  # json_schema | json_object | none
-    extra: dict = field(default_factory=dict)
 
 
 def response_schema() -> dict:
@@ -143,7 +126,7 @@ def violations(answer: _Answer, concept: str) -> list[str]:
     return problems
 
 
-def _response_format(settings: LLMSettings) -> dict | None:
+def _response_format(settings: ListSettings) -> dict | None:
     if settings.structured_output == "json_schema":
         return {
             "type": "json_schema",
@@ -154,14 +137,16 @@ def _response_format(settings: LLMSettings) -> dict | None:
     return None
 
 
-def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None) -> ConceptLists:
+def generate_lists(
+    concept: Concept, settings: ListSettings, runtime: LlmRuntime, base_url: str | None
+) -> ConceptLists:
     """Ask the LLM for the concept's lists; re-ask on rule violations, retry transport errors."""
-    client = openai_client(base_url, api_key_env=settings.api_key_env, timeout=settings.timeout)
+    client = openai_client(base_url, api_key_env=runtime.api_key_env, timeout=runtime.timeout)
 
     @retry(
         retry=retry_if_exception_type(TRANSIENT),
-        stop=stop_after_attempt(settings.max_retries),
-        wait=wait_exponential(multiplier=0.5, max=settings.retry_wait_max),
+        stop=stop_after_attempt(runtime.max_retries),
+        wait=wait_exponential(multiplier=0.5, max=runtime.retry_wait_max),
         reraise=True,
     )
     def ask(messages: list[dict]) -> str:
@@ -171,7 +156,6 @@ def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None
             messages=messages,
             temperature=settings.temperature,
             seed=settings.seed,
-            extra_body=settings.extra or None,
             **kwargs,
         )
         return response.choices[0].message.content or ""
@@ -187,13 +171,13 @@ def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None
     ]
     where = f"concept {concept.text!r} ({concept.id})"
     problems: list[str] = []
-    for attempt in range(1, settings.max_attempts + 1):
+    for attempt in range(1, runtime.max_attempts + 1):
         try:
             raw = ask(messages)
         except TRANSIENT as err:
             raise LLMError(
                 f"{where}: no LLM answered at {base_url or 'the default OpenAI endpoint'} "
-                f"after {settings.max_retries} tries ({type(err).__name__}: {err})"
+                f"after {runtime.max_retries} tries ({type(err).__name__}: {err})"
             ) from err
         except openai.APIStatusError as err:
             raise LLMError(f"{where}: the LLM refused the request: {err}") from err
@@ -212,7 +196,7 @@ def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None
                 provenance=Provenance(
                     source="llm",
                     model=settings.model,
-                    prompt_version=PROMPT_VERSION,
+                    prompt_version=settings.prompt_version,
                     raw_response=raw,
                     attempts=attempt,
                 ),
@@ -228,7 +212,7 @@ def generate_lists(concept: Concept, settings: LLMSettings, base_url: str | None
             },
         ]
     raise LLMError(
-        f"{where}: no valid answer after {settings.max_attempts} attempts; "
+        f"{where}: no valid answer after {runtime.max_attempts} attempts; "
         f"last problems: {'; '.join(problems)}"
     )
 

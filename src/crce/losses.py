@@ -27,19 +27,21 @@ def erasure_loss(
     retain_weights: torch.Tensor,
     alpha: float,
     beta: float,
+    reduce: str = "mean",
 ) -> torch.Tensor:
     """L = L_ESD + alpha/M sum w_c' |e(c') - anchor_c'|^2 + beta/N sum w_c'' |e(c'') - e*(c'')|^2.
 
     `pred_target` None drops the ESD term (RealEra's neighbour iterations); empty coref or
-    retain batches drop their terms (ESD-x is the special case M = N = 0).
+    retain batches drop their terms (ESD-x is the special case M = N = 0). `reduce="sum"`
+    drops the 1/M and 1/N (RealEra's official code sums its neighbour terms).
     """
     loss = anchor.new_zeros((), dtype=torch.float32)
     if pred_target is not None:
         loss = loss + per_item_mse(pred_target, anchor).sum()
     if len(pred_corefs):
-        coref = (coref_weights * per_item_mse(pred_corefs, coref_anchors)).sum() / len(pred_corefs)
-        loss = loss + alpha * coref
+        coref = (coref_weights * per_item_mse(pred_corefs, coref_anchors)).sum()
+        loss = loss + alpha * (coref / len(pred_corefs) if reduce == "mean" else coref)
     if len(pred_retains):
         retain = (retain_weights * per_item_mse(pred_retains, frozen_retains)).sum()
-        loss = loss + beta * retain / len(pred_retains)
+        loss = loss + (beta * retain / len(pred_retains) if reduce == "mean" else beta * retain)
     return loss

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .settings import CATEGORIES
+
 METRICS = {
     "target": "Acc_U",
     "coref_train": "Acc_C_train",
@@ -14,7 +16,6 @@ METRICS = {
     "retain_train": "Acc_R_train",
     "retain_test": "Acc_R_test",
 }
-CATEGORIES = ("object", "ip", "celebrity")
 # The paper's Table 1 row order; labels come from each method's config.
 PAPER_ORDER = ("SD", "ESD-x", "MACE", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE")
 # Paper, Table 1 (percent): category -> U, C-train, C-test, R-train, R-test.
@@ -135,19 +136,19 @@ def markdown(table: pd.DataFrame) -> str:
 def run(
     *,
     judgments: list[str],
-    methods: dict,
+    labels: dict[str, str],
     metrics_out: str,
     table_out: str,
     markdown_out: str,
     paper_out: str,
 ) -> None:
-    """The `metrics` rule: inputs are exactly the configured methods x the sheet's concepts."""
+    """The `metrics` rule: inputs are exactly the configured methods x the sheet's concepts;
+    `labels` maps each method to its Table 1 row label, in config order."""
     frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
-    labels = {m: spec.get("label", m) for m, spec in methods.items()}
     metrics = compute_metrics(frames, labels)
     Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
     metrics.to_parquet(metrics_out, index=False)
-    table = table1(metrics, list(methods), labels)
+    table = table1(metrics, list(labels), labels)
     table.to_csv(table_out, index=False, float_format="%.2f")
     Path(markdown_out).write_text(markdown(table))
     versus_paper(table).to_csv(paper_out, index=False, float_format="%.2f")

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
+from .settings import GROUPS, SampleRuntime, SampleSettings
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("target", "coref_train", "coref_test", "retain_train", "retain_test")
 FINGERPRINT = ".sampling.json"
 
 
@@ -36,18 +36,7 @@ def image_seed(base_seed: int, concept_id: str, prompt: str, image_index: int) -
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def judge_question(group: str, prompt: str, target: str, retain_question: str) -> str:
-    """The concept <X> the judge is asked about: the target for target and coref images (does
-    the erased concept still appear?), the retain's own text for retain images (is it still
-    drawn?) unless `retain_question` is 'target'."""
-    if group.startswith("retain") and retain_question == "retain":
-        return prompt
-    return target
-
-
-def plan_images(
-    split: Split, *, method: str, seed: int, images_per_prompt: int, retain_question: str
-) -> pd.DataFrame:
+def plan_images(split: Split, *, method: str, seed: int, images_per_prompt: int) -> pd.DataFrame:
     rows = []
     prompts = [("target", split.concept)]
     for group in GROUPS[1:]:
@@ -63,7 +52,6 @@ def plan_images(
                     "group": group,
                     "prompt_index": prompt_index,
                     "prompt": prompt,
-                    "question": judge_question(group, prompt, split.concept, retain_question),
                     "image_index": image_index,
                     "seed": image_seed(seed, split.id, prompt, image_index),
                     "path": f"{prompt_index:02d}-{group}/{image_index:04d}.png",
@@ -149,7 +137,10 @@ def run(
     *,
     split_path: str,
     method: str,
-    config: dict,
+    settings: SampleSettings,
+    runtime: SampleRuntime,
+    model: str,
+    seed: int,
     delta: str | None,
     manifest: str,
 ) -> None:
@@ -157,35 +148,30 @@ def run(
     from .lists import read_split
 
     split = read_split(split_path)
-    s = config["sample"]
     plan = plan_images(
-        split,
-        method=method,
-        seed=config["seed"],
-        images_per_prompt=s["images_per_prompt"],
-        retain_question=config["judge"].get("retain_question", "retain"),
+        split, method=method, seed=seed, images_per_prompt=settings.images_per_prompt
     )
     folder = Path(manifest).parent
     fingerprint = {
-        "model": config["model"]["pretrained"],
+        "model": model,
         "delta_sha256": _file_sha256(delta),
-        "settings": {k: s[k] for k in ("steps", "guidance", "resolution", "precision")},
+        "settings": settings.as_params(),
         "plan_sha256": hashlib.sha256(
             plan[["prompt", "seed", "path"]].to_json().encode()
         ).hexdigest(),
     }
     _prepare_folder(folder, fingerprint)
-    device = device_for(s.get("device", "auto"))
-    dtype = torch_dtype(s["precision"]) if device.type == "cuda" else torch.float32
-    pipe = load_erased_pipeline(config["model"]["pretrained"], delta, dtype=dtype, device=device)
+    device = device_for(runtime.device)
+    dtype = torch_dtype(settings.precision) if device.type == "cuda" else torch.float32
+    pipe = load_erased_pipeline(model, delta, dtype=dtype, device=device)
     stats = sample_images(
         pipe,
         plan,
         folder,
-        steps=s["steps"],
-        guidance=s["guidance"],
-        resolution=s["resolution"],
-        batch_size=s["batch_size"],
+        steps=settings.steps,
+        guidance=settings.guidance,
+        resolution=settings.resolution,
+        batch_size=runtime.batch_size,
     )
     plan["path"] = [str(folder / p) for p in plan["path"]]
     plan.to_parquet(manifest, index=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from .lists import ConceptLists, Item, Split, WeightedItem
+from .settings import N_TEST, N_TRAIN
 
 
 class SplitError(ValueError):
@@ -35,7 +36,9 @@ def _random_split(items: list[Item], n_train: int, n_test: int, rng: random.Rand
     return [WeightedItem.of(items[i]) for i in train], [WeightedItem.of(items[i]) for i in test]
 
 
-def make_split(lists: ConceptLists, seed: int, n_train: int = 10, n_test: int = 5) -> Split:
+def make_split(
+    lists: ConceptLists, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST
+) -> Split:
     """Split from (seed, concept id) only, so a row's split never depends on other rows."""
     where = f"concept {lists.concept!r} ({lists.id})"
     if lists.given_split is not None:

@@ -1,4 +1,4 @@
-# The concept sheet, config validation and every input function of the workflow.
+# The concept sheet, config validation, the resolved settings and every input function.
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -6,9 +6,14 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Parse-time helpers need no installed package (the submit host may not have one).
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# This package is imported from the checkout, here and in every job (see jobs_import_from).
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+
 from crce.concepts import SheetError, load_sheet
+from crce.settings import SettingsError, Study, jobs_import_from, untracked
+
+jobs_import_from(SRC)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -17,8 +22,14 @@ try:
 except SheetError as err:
     raise WorkflowError(f"bad concept sheet: {err}") from None
 
+# Every setting resolved once; each job gets exactly its own (README: what reruns when).
+try:
+    STUDY = Study(config)
+except SettingsError as err:
+    raise WorkflowError(f"bad config: {err}") from None
+
 METHODS = config["methods"]
-TRAINED_METHODS = [m for m, spec in METHODS.items() if spec["strategy"] != "none"]
+TRAINED_METHODS = list(STUDY.trained)
 CATEGORIES = sorted({c.category for c in CONCEPTS.values()})
 
 
@@ -33,23 +44,31 @@ def concept_row(wildcards):
 
 
 def curated_lists(wildcards):
-    curated_dir = config["corefs"].get("curated_dir")
+    curated_dir = STUDY.lists.curated_dir
     path = Path(curated_dir or "", f"{wildcards.concept}.json")
     return [str(path)] if curated_dir and path.is_file() else []
 
 
 def base_model(wildcards=None):
     """The base model folder when the workflow builds it (tiny/toy worlds), else nothing."""
-    return [config["model"]["pretrained"]] if config["model"].get("build") else []
+    return [STUDY.model] if STUDY.model_build else []
 
 
-def method_spec(wildcards):
-    return METHODS[wildcards.method]
+def download_repos():
+    """Hub repos the jobs load: the base model (unless built here) and a served judge."""
+    repos = [None if STUDY.model_build else STUDY.model]
+    repos.append(STUDY.judge.model if STUDY.judge_runtime.serve else None)
+    return [r for r in repos if r]
+
+
+def erase_settings(wildcards):
+    """The method's resolved training settings (train.* with its overrides), as builtins."""
+    return {wildcards.method: STUDY.trained[wildcards.method].as_params()}
 
 
 def trained_delta(wildcards):
     """A trained method's delta; the `sd` baseline samples the base model."""
-    if METHODS[wildcards.method]["strategy"] == "none":
+    if wildcards.method not in STUDY.trained:
         return []
     return [f"results/models/{wildcards.method}/{wildcards.concept}/delta.safetensors"]
 

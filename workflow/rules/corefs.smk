@@ -12,9 +12,12 @@ rule coref_lists:
         "../../envs/llm.yaml"
     resources:
         # A GPU only when the job serves its own LLM (llm.serve); an API call needs none.
-        gpu=lambda wildcards: 1 if config["llm"].get("serve") else 0,
+        gpu=1 if STUDY.llm_runtime.serve else 0,
     params:
         concept=concept_row,
+        settings=STUDY.lists.as_params(),
+        runtime=untracked(STUDY.llm_runtime),
+        server_log="logs/corefs/{concept}.server.log",
     script:
         "../scripts/corefs.py"
 
@@ -30,8 +33,6 @@ rule split:
     conda:
         "../../envs/llm.yaml"
     params:
-        seed=config["seed"],
-        n_train=config["split"]["n_train"],
-        n_test=config["split"]["n_test"],
+        settings=STUDY.split.as_params(),
     script:
         "../scripts/split.py"

@@ -11,17 +11,6 @@ rule download:
     conda:
         "../../envs/llm.yaml"
     params:
-        repos=lambda wildcards: [
-            r
-            for r in (
-                (
-                    None
-                    if config["model"].get("build")
-                    else config["model"]["pretrained"]
-                ),
-                config["judge"]["model"] if config["judge"].get("serve") else None,
-            )
-            if r
-        ],
+        repos=download_repos(),
     script:
         "../scripts/download.py"

@@ -18,7 +18,10 @@ rule erase:
         runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         concept=concept_row,
-        method_spec=method_spec,
+        settings=erase_settings,
+        model=STUDY.model,
+        seed=STUDY.seed,
+        runtime=untracked(STUDY.train_runtime),
         # Not an output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir="results/.checkpoints/{method}/{concept}",
     script:

@@ -12,9 +12,11 @@ rule judge:
     conda:
         "../../envs/judge.yaml"
     resources:
-        gpu=lambda wildcards: 1 if config["judge"].get("serve") else 0,
+        gpu=1 if STUDY.judge_runtime.serve else 0,
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
+        settings=STUDY.judge.as_params(),
+        runtime=untracked(STUDY.judge_runtime),
         # Append-only cache of judged rows; not an output, so it survives failed jobs.
         cache="results/judge_cache/{concept}.jsonl",
         server_log="logs/judge/{concept}.server.log",

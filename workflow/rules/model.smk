@@ -3,13 +3,13 @@
 
 rule base_model:
     output:
-        directory(config["model"]["pretrained"]),
+        directory(STUDY.model),
     log:
         "logs/base_model.log",
     conda:
         "../../envs/train.yaml"
     params:
-        kind=config["model"].get("build"),
-        seed=config["seed"],
+        kind=STUDY.model_build,
+        seed=STUDY.seed,
     script:
         "../scripts/base_model.py"

@@ -15,7 +15,7 @@ rule metrics:
     conda:
         "../../envs/report.yaml"
     params:
-        methods=METHODS,
+        labels=STUDY.labels,
     script:
         "../scripts/metrics.py"
 
@@ -31,7 +31,7 @@ rule concept_figure:
     conda:
         "../../envs/report.yaml"
     params:
-        methods=METHODS,
+        labels=STUDY.labels,
     script:
         "../scripts/concept_figure.py"
 
@@ -47,7 +47,7 @@ rule category_figure:
     conda:
         "../../envs/report.yaml"
     params:
-        methods=METHODS,
+        labels=STUDY.labels,
     script:
         "../scripts/category_figure.py"
 
@@ -62,5 +62,7 @@ rule clip_distances:
         "logs/clip_distances/{concept}.log",
     conda:
         "../../envs/sample.yaml"
+    params:
+        model=STUDY.model,
     script:
         "../scripts/clip_distances.py"

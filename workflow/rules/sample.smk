@@ -16,5 +16,10 @@ rule sample:
     resources:
         gpu=1,
         runtime=lambda wildcards, attempt: 120 * attempt,
+    params:
+        settings=STUDY.sample.as_params(),
+        model=STUDY.model,
+        seed=STUDY.seed,
+        runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/sample.py"

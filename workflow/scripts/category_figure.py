@@ -4,7 +4,7 @@ from crce.logs import job_log
 with job_log(snakemake.log[0]):
     category_bars(
         snakemake.input[0],
-        snakemake.params.methods,
+        snakemake.params.labels,
         snakemake.wildcards.category,
         snakemake.output[0],
     )

@@ -2,12 +2,14 @@ from crce.erase import run
 from crce.logs import job_log
 
 with job_log(snakemake.log[0]):
+    p = snakemake.params
     run(
-        concept=snakemake.params.concept,
-        method=snakemake.wildcards.method,
-        method_spec=snakemake.params.method_spec,
-        config=snakemake.config,
+        concept=p.concept,
+        methods=p.settings,
+        model=p.model,
+        seed=p.seed,
+        runtime=vars(p.runtime),
         split_path=snakemake.input.split,
-        output=snakemake.output.delta,
-        checkpoint_dir=snakemake.params.checkpoint_dir,
+        outputs={snakemake.wildcards.method: snakemake.output.delta},
+        checkpoint_dir=p.checkpoint_dir,
     )

@@ -1,11 +1,14 @@
 from crce.judge import judge_manifests
 from crce.logs import job_log
+from crce.settings import JudgeRuntime, JudgeSettings
 
 with job_log(snakemake.log[0]):
+    p = snakemake.params
     judge_manifests(
         list(snakemake.input),
         list(snakemake.output),
-        settings=snakemake.config["judge"],
-        cache_path=snakemake.params.cache,
-        server_log=snakemake.params.server_log,
+        settings=JudgeSettings(**p.settings),
+        runtime=JudgeRuntime(**vars(p.runtime)),
+        cache_path=p.cache,
+        server_log=p.server_log,
     )

@@ -5,7 +5,7 @@ with job_log(snakemake.log[0]):
     out = snakemake.output
     run(
         judgments=list(snakemake.input),
-        methods=snakemake.params.methods,
+        labels=snakemake.params.labels,
         metrics_out=out.metrics,
         table_out=out.table,
         markdown_out=out.markdown,

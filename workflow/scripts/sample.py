@@ -1,11 +1,16 @@
 from crce.logs import job_log
 from crce.sample import run
+from crce.settings import SampleRuntime, SampleSettings
 
 with job_log(snakemake.log[0]):
+    p = snakemake.params
     run(
         split_path=snakemake.input.split,
         method=snakemake.wildcards.method,
-        config=snakemake.config,
+        settings=SampleSettings(**p.settings),
+        runtime=SampleRuntime(**vars(p.runtime)),
+        model=p.model,
+        seed=p.seed,
         delta=next(iter(snakemake.input.delta), None),
         manifest=snakemake.output[0],
     )

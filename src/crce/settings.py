@@ -1,0 +1,240 @@
+"""The study's settings as typed objects, and the constants every stage shares.
+
+`workflow/rules/common.smk` resolves the config once into these objects and hands each rule
+exactly its own: the settings that change a result as `params` (plain builtins, so Snakemake's
+params trigger sees them: a change reruns exactly the jobs it affects), the knobs that change
+no result beyond float noise (devices, batch sizes, concurrency, timeouts) as an untracked
+runtime namespace. The library takes these objects, never the whole config. This module
+imports no torch or openai, so the Snakefile parses fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from types import SimpleNamespace
+from typing import ClassVar, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- constants of the study -----------------------------------------------------------------
+Category = Literal["object", "ip", "celebrity"]
+CATEGORIES = get_args(Category)  # Table 1's column groups, in its order
+LIST_LENGTH = 15  # corefs and retains per concept (paper: 15 + 15)
+N_TRAIN, N_TEST = 10, 5  # the paper's split of each list
+# The groups of a concept's prompts, in Table 1's column order.
+GROUPS = ("target", "coref_train", "coref_test", "retain_train", "retain_test")
+LIST_PROMPT_VERSION = "appendix-a-v1"  # the LLM prompt for the lists (crce.llm)
+# Bumped whenever the trainer computes something else for the same settings. It enters the
+# erase rule's params and every checkpoint, so results of an older trainer are never reused.
+#   1: initial; 2: the UNet timestep is the official 1000-step schedule index (FACTS 2.4),
+#   i ~ U{1..ddim_steps-2}, randomness per (seed, concept, iteration), official sphere/RealEra.
+TRAINER_VERSION = 2
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (seed, concept, iteration, ...): stable across processes
+    and machines, unlike hash()."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def method_label(name: str, spec: dict) -> str:
+    """A method's row label in Table 1 (its config `label`, else its name)."""
+    return spec.get("label", name)
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def as_params(self) -> dict:
+        """Plain builtins for a rule's `params` (the rerun trigger compares their repr)."""
+        return self.model_dump(mode="json")
+
+
+def jobs_import_from(src: str) -> None:
+    """Make every job import this package from the checkout at `src` (PYTHONPATH, inherited by
+    the scripts Snakemake starts, on the cluster too): envs carry third-party packages only, so
+    an edit to src/crce reaches every job without rebuilding an env, and without changing an
+    env's identity (which would rerun every job)."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if src not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, *paths) if p)
+
+
+def untracked(settings: _Settings) -> SimpleNamespace:
+    """Knobs that change no result, for a rule's params: Snakemake's params trigger records
+    builtins only (snakemake.persistence), so a SimpleNamespace never causes a rerun. The job
+    rebuilds the settings object with `Model(**vars(namespace))`."""
+    return SimpleNamespace(**settings.model_dump(mode="json"))
+
+
+# -- training --------------------------------------------------------------------------------
+ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn"]
+
+
+class SphereSettings(_Settings):
+    """Neighbours e + r (v - e)/|v - e| of the stacked [uncond; cond] target embedding e,
+    v ~ N(0, I), r ~ U[0, R], kept by cosine band (FACTS 2.7)."""
+
+    radius: float = 2.0
+    # absolute: R = radius (the official code's 400, fitted to CLIP-L's norm);
+    # relative: R = radius * |e| (one setting for any text space, e.g. the tiny and toy ones).
+    radius_mode: Literal["absolute", "relative"] = "absolute"
+    coref_cos_min: float = 0.5
+    coref_cos_max: float = 0.9
+    retain_cos_max: float = 0.5
+
+
+class TrainSettings(_Settings):
+    """One iterative erasure method (ESD-x, CRCE, CRCE-Fixed, CRCE-Sphere, RealEra)."""
+
+    strategy: Literal["esd", "crce", "sphere", "realera"] = "esd"
+    n_corefs: int = Field(5, ge=0)
+    n_retains: int = Field(3, ge=0)
+    fixed: bool = False
+    params: ParamSet = "xattn-kv"
+    lr: float = 1e-5
+    iterations: int = 500
+    eta: float = 1.0
+    coref_anchor: Literal["target", "self"] = "target"
+    xt_model: Literal["trained", "frozen"] = "trained"
+    start_guidance: float = 3.0
+    ddim_steps: int = Field(50, ge=3)  # i ~ U{1..ddim_steps-2} needs at least 3
+    alpha: float = 1.0
+    beta: float = 1.0
+    sphere: SphereSettings = SphereSettings()
+    precision: Literal["float32", "bfloat16"] = "bfloat16"
+
+    # Keys a strategy never reads: left out of its params, so changing them reruns nothing.
+    _UNUSED: ClassVar[dict[str, set[str]]] = {
+        "esd": {"n_corefs", "n_retains", "fixed", "coref_anchor", "alpha", "beta", "sphere"},
+        "crce": {"sphere"},
+        "sphere": {"fixed"},
+        "realera": {"fixed"},
+    }
+
+    def as_params(self) -> dict:
+        return self.model_dump(mode="json", exclude=self._UNUSED[self.strategy])
+
+
+class TrainRuntime(_Settings):
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+
+# Keys of `train` that change no result: they travel untracked.
+TRAIN_RUNTIME_KEYS = frozenset(TrainRuntime.model_fields)
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be resolved; the message names the method and key."""
+
+
+def resolve_method(name: str, spec: dict, train: dict) -> TrainSettings:
+    """A method's settings: `train.*` overridden by the method's own keys (label aside)."""
+    merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS | {"group_methods"}}
+    merged.update({k: v for k, v in spec.items() if k != "label"})
+    unknown = sorted(set(merged) - set(TrainSettings.model_fields))
+    if unknown:
+        raise SettingsError(f"method {name!r}: unknown training key(s): {', '.join(unknown)}")
+    try:
+        return TrainSettings(**merged)
+    except ValueError as err:
+        raise SettingsError(f"method {name!r}: {err}") from None
+
+
+# -- lists and splits ------------------------------------------------------------------------
+class ListSettings(_Settings):
+    """Where a concept's lists come from and how the LLM is asked (coref_lists)."""
+
+    curated_dir: str | None = None
+    corefconcept_dir: str | None = None
+    model: str = "gpt-4o"
+    temperature: float = 0.0
+    seed: int | None = 0
+    structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"
+    prompt_version: str = LIST_PROMPT_VERSION
+
+
+class LlmRuntime(_Settings):
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    serve: str | None = None
+    startup_timeout: float = 600.0
+    timeout: float = 120.0
+    max_attempts: int = 3  # re-asks after an answer that breaks a rule
+    max_retries: int = 4  # transport retries (429, 5xx, timeouts, refused connections)
+    retry_wait_max: float = 20.0
+
+
+class SplitSettings(_Settings):
+    seed: int
+    n_train: int = N_TRAIN
+    n_test: int = N_TEST
+
+
+# -- evaluation ------------------------------------------------------------------------------
+class SampleSettings(_Settings):
+    images_per_prompt: int = 80
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int = 512
+    precision: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+class SampleRuntime(_Settings):
+    batch_size: int = 32
+    device: str = "auto"
+
+
+class JudgeSettings(_Settings):
+    model: str
+    prompt: str
+    prompt_version: str
+    # <X> for retain images: the retain's own text (is it still drawn?) or the target.
+    retain_question: Literal["retain", "target"] = "retain"
+
+
+class JudgeRuntime(_Settings):
+    serve: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "VLLM_API_KEY"
+    startup_timeout: float = 1800.0
+    concurrency: int = 64
+    timeout: float = 120.0
+    max_retries: int = 4
+
+
+def split_known(model: type[_Settings], section: dict) -> tuple[dict, dict]:
+    """A config section's keys of `model`, and the rest."""
+    known = {k: v for k, v in section.items() if k in model.model_fields}
+    return known, {k: v for k, v in section.items() if k not in known}
+
+
+class Study:
+    """The config resolved once into each stage's settings (common.smk)."""
+
+    def __init__(self, config: dict):
+        self.seed = config["seed"]
+        self.model = config["model"]["pretrained"]
+        self.model_build = config["model"].get("build")  # tiny: the workflow builds the model
+        self.methods = config["methods"]
+        self.labels = {m: method_label(m, spec) for m, spec in self.methods.items()}
+        train = config["train"]
+        self.train_runtime = TrainRuntime(**{k: train[k] for k in TRAIN_RUNTIME_KEYS & set(train)})
+        self.trained = {
+            name: resolve_method(name, spec, train)
+            for name, spec in self.methods.items()
+            if spec["strategy"] != "none"
+        }
+        llm, corefs = config["llm"], config["corefs"]
+        self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
+        self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])
+        self.split = SplitSettings(seed=self.seed, **config["split"])
+        self.sample = SampleSettings(**split_known(SampleSettings, config["sample"])[0])
+        self.sample_runtime = SampleRuntime(**split_known(SampleRuntime, config["sample"])[0])
+        self.judge = JudgeSettings(**split_known(JudgeSettings, config["judge"])[0])
+        self.judge_runtime = JudgeRuntime(**split_known(JudgeRuntime, config["judge"])[0])

@@ -1,0 +1,209 @@
+"""What an iterative erasure method trains on, one small object per strategy.
+
+A strategy turns an iteration into a `Plan`: whether the ESD term is in the loss, the
+conditioning of the coref and retain terms, their weights and anchors, and how the terms
+reduce (mean or sum). The engine (`crce.erase`) makes every model call and owns the
+optimiser; adding a strategy touches this module only.
+
+Randomness protocol (the reference in tests/ repeats it): the engine seeds one generator per
+iteration and draws the DDIM index and the x_T noise from it; the strategy then draws its
+lists or neighbours from the same generator, in the order documented on each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .settings import SphereSettings, TrainSettings, derive_seed
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    """One iteration's loss terms (paper eq. 1-3)."""
+
+    esd_term: bool
+    corefs: torch.Tensor  # [M, L, D] conditioning of the coref terms
+    coref_weights: torch.Tensor  # [M]
+    retains: torch.Tensor  # [N, L, D]
+    retain_weights: torch.Tensor  # [N]
+    coref_anchor: str = "target"  # target: the target's anchor; self: each coref's own
+    reduce: str = "mean"  # how coref and retain terms combine: mean over M/N, or sum
+
+
+class Prompts:
+    """Text conditioning of a run, encoded once: the empty prompt, the target, and every list
+    item any strategy of the run draws from."""
+
+    def __init__(self, encode, target: str, texts: list[str]):
+        unique = list(dict.fromkeys(texts))
+        embeddings = encode(["", target, *unique])
+        self.uncond, self.target = embeddings[0:1], embeddings[1:2]
+        self._row = {text: 2 + k for k, text in enumerate(unique)}
+        self._embeddings = embeddings
+
+    def of(self, texts: list[str]) -> torch.Tensor:
+        return self._embeddings[[self._row[t] for t in texts]]
+
+
+class Strategy:
+    """An iterative strategy; `texts` lists what it needs encoded before the run."""
+
+    def __init__(self, settings: TrainSettings, target: str, split, seed: int):
+        self.settings = settings
+        self.target = target
+        self.split = split
+        self.seed = seed
+
+    def texts(self) -> list[str]:
+        return []
+
+    def prepare(self, prompts: Prompts, device: torch.device) -> None:
+        self.prompts = prompts
+        self.device = device
+
+    def plan(self, iteration: int, generator: torch.Generator) -> Plan:
+        raise NotImplementedError
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prompts.target[:0], torch.zeros(0, device=self.device)
+
+
+class Esd(Strategy):
+    """ESD-x: the target's anchor term only (M = N = 0). Draws nothing."""
+
+    def plan(self, iteration, generator):
+        empty, none = self._empty()
+        return Plan(True, empty, none, empty, none)
+
+
+class Lists(Strategy):
+    """CRCE: M corefs and N retains from the train lists, certainty-weighted, averaged.
+    Draws a permutation of the corefs, then of the retains (CRCE-Fixed: once, from its own
+    generator, for the whole run)."""
+
+    def __init__(self, settings, target, split, seed):
+        super().__init__(settings, target, split, seed)
+        s = settings
+        self.corefs = list(split.coref_train) if split is not None else []
+        self.retains = list(split.retain_train) if split is not None else []
+        if len(self.corefs) < s.n_corefs or len(self.retains) < s.n_retains:
+            raise TrainingError(
+                f"{target!r}: method draws M={s.n_corefs} corefs and N={s.n_retains} retains "
+                f"per iteration, but the train split has {len(self.corefs)} and "
+                f"{len(self.retains)}"
+            )
+
+    def texts(self):
+        return [i.text for i in self.corefs + self.retains]
+
+    def prepare(self, prompts, device):
+        super().prepare(prompts, device)
+        self.coref_bank = prompts.of([i.text for i in self.corefs])
+        self.retain_bank = prompts.of([i.text for i in self.retains])
+        self.coref_bank_weights = torch.tensor([i.weight for i in self.corefs], device=device)
+        self.retain_bank_weights = torch.tensor([i.weight for i in self.retains], device=device)
+        fixed = torch.Generator().manual_seed(derive_seed("crce-train", self.seed, -1))
+        self.fixed_draw = self._draw(fixed)
+
+    def _draw(self, generator):
+        s = self.settings
+        coref_idx = torch.randperm(len(self.corefs), generator=generator)[: s.n_corefs]
+        retain_idx = torch.randperm(len(self.retains), generator=generator)[: s.n_retains]
+        return coref_idx.tolist(), retain_idx.tolist()
+
+    def plan(self, iteration, generator):
+        coref_idx, retain_idx = self.fixed_draw if self.settings.fixed else self._draw(generator)
+        return Plan(
+            True,
+            self.coref_bank[coref_idx],
+            self.coref_bank_weights[coref_idx],
+            self.retain_bank[retain_idx],
+            self.retain_bank_weights[retain_idx],
+            coref_anchor=self.settings.coref_anchor,
+        )
+
+
+def sphere_neighbours(
+    embedding: torch.Tensor,
+    n_corefs: int,
+    n_retains: int,
+    sphere: SphereSettings,
+    generator: torch.Generator,
+    max_draws: int = 10_000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RealEra-style neighbours e + r (v - e)/|v - e|, r ~ U[0, radius |e|], v - e a Gaussian
+    direction; kept as corefs when cos(e, n) is in [coref_cos_min, coref_cos_max], as retains
+    when cos(e, n) < retain_cos_max. The radius is relative to |e|, so one setting fits any
+    text encoder."""
+    flat = embedding.flatten().float()
+    norm = flat.norm()
+    corefs, retains = [], []
+    for _ in range(max_draws):
+        if len(corefs) >= n_corefs and len(retains) >= n_retains:
+            break
+        direction = torch.randn(flat.shape, generator=generator, dtype=torch.float32)
+        direction = direction / direction.norm()
+        radius = torch.rand((), generator=generator) * sphere.radius * norm
+        neighbour = flat + radius * direction
+        cos = torch.nn.functional.cosine_similarity(flat, neighbour, dim=0).item()
+        if sphere.coref_cos_min <= cos <= sphere.coref_cos_max and len(corefs) < n_corefs:
+            corefs.append(neighbour)
+        elif cos < sphere.retain_cos_max and len(retains) < n_retains:
+            retains.append(neighbour)
+    if len(corefs) < n_corefs or len(retains) < n_retains:
+        raise TrainingError(
+            f"sphere sampling found {len(corefs)}/{n_corefs} corefs and {len(retains)}/{n_retains} "
+            f"retains in {max_draws} draws; widen train.sphere.radius or the cosine bands"
+        )
+    shape = (-1, *embedding.shape)
+    as_batch = lambda items: torch.stack(items).reshape(shape).to(embedding.dtype)  # noqa: E731
+    return as_batch(corefs[:n_corefs]), as_batch(retains[:n_retains])
+
+
+class Sphere(Strategy):
+    """CRCE-Sphere and RealEra: neighbours sampled around the target's embedding each
+    iteration (drawn in sphere_neighbours' order), unit weights. RealEra alternates anchor
+    (ESD) iterations and neighbour iterations."""
+
+    alternate: ClassVar[bool] = False
+
+    def plan(self, iteration, generator):
+        s = self.settings
+        corefs, retains = sphere_neighbours(
+            self.prompts.target[0].cpu(), s.n_corefs, s.n_retains, s.sphere, generator
+        )
+        plan = Plan(
+            True,
+            corefs.to(self.device),
+            torch.ones(len(corefs), device=self.device),
+            retains.to(self.device),
+            torch.ones(len(retains), device=self.device),
+            coref_anchor=s.coref_anchor,
+        )
+        if self.alternate:
+            if iteration % 2 == 0:
+                empty, none = self._empty()
+                plan.corefs, plan.retains = empty, empty
+                plan.coref_weights = plan.retain_weights = none
+            else:
+                plan.esd_term = False
+        return plan
+
+
+class RealEra(Sphere):
+    alternate = True
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "esd": Esd,
+    "crce": Lists,
+    "sphere": Sphere,
+    "realera": RealEra,
+}
