@@ -54,3 +54,10 @@ rule table1:
     input:
         "results/table1.csv",
         all_figures(),
+
+
+# Login node, before a cluster run: model weights and the CorefConcept files.
+rule download:
+    input:
+        "results/.downloaded",
+        all_dataset_files(),

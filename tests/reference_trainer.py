@@ -1,8 +1,11 @@
-"""A naive second opinion on the erasure math, in the official codes' computation pattern.
+"""A naive second opinion on the erasure math, in the official CRCE code's computation pattern.
 
-Two full UNets (trained + frozen deep copy), one prompt per call as a batch-2 [uncond, cond]
-`predict_noise`, fp32, prompts re-encoded at every call. It imports nothing of the trainer:
-it repeats the loss (paper eq. 1-3) and the documented randomness protocol on purpose.
+Two full UNets (trained + frozen deep copy); every prediction is the official
+`predict_noise`: a batch-2 [uncond, cond] call on a stacked text embedding, combined with
+guidance 1; fp32; prompts re-encoded at every call; its own 50-step and 1000-step DDIM
+schedules; RealEra and CRCE-Sphere neighbours drawn over the whole stack by rejection, as
+`srcs/realera_tools.py` does. It imports nothing of the trainer: it repeats the loss (paper
+eq. 1-3) and the documented randomness protocol on purpose.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class ReferenceTrainer:
         ddim_steps=50,
         alpha=1.0,
         beta=1.0,
+        radius=400.0,
+        radius_mode="absolute",
         seed=0,
     ):
         self.pipe, self.target = pipe, target
@@ -70,10 +75,10 @@ class ReferenceTrainer:
         self.eta, self.alpha, self.beta = eta, alpha, beta
         self.coref_anchor, self.xt_model = coref_anchor, xt_model
         self.guidance, self.ddim_steps, self.seed = start_guidance, ddim_steps, seed
+        self.radius, self.radius_mode = radius, radius_mode
         self.corefs = [(i.text, i.weight) for i in split.coref_train]
         self.retains = [(i.text, i.weight) for i in split.retain_train]
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(ddim_steps)
+        self.config = pipe.scheduler.config
         size = self.model.config.sample_size
         self.shape = (1, self.model.config.in_channels, size, size)
         g = torch.Generator().manual_seed(seed_for(seed, -1))
@@ -81,6 +86,7 @@ class ReferenceTrainer:
             torch.randperm(len(self.corefs), generator=g)[:n_corefs].tolist(),
             torch.randperm(len(self.retains), generator=g)[:n_retains].tolist(),
         )
+        self.timesteps = []  # (ddim index, UNet timestep) of every loss, for tests
 
     def embed(self, text):
         tok = self.pipe.tokenizer(
@@ -93,54 +99,101 @@ class ReferenceTrainer:
         with torch.no_grad():
             return self.pipe.text_encoder(tok)[0]
 
-    def predict_noise(self, model, x, t, text):
-        """Batch-2 [uncond, cond] call, as the official code's predict_noise."""
-        context = torch.cat([self.embed(""), self.embed(text)])
-        out = model(torch.cat([x, x]), t, encoder_hidden_states=context).sample
-        return out[0:1], out[1:2]
+    def text_embeddings(self, text):
+        """Official get_text_embeddings: the stack [uncond; cond]."""
+        return torch.cat([self.embed(""), self.embed(text)])
+
+    def predict_noise(self, model, x, t, stack, guidance=1.0):
+        """Official predict_noise: a batch-2 call on a stack, then guidance."""
+        out = model(torch.cat([x, x]), t, encoder_hidden_states=stack).sample
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def neighbours(self, stack, g):
+        """Official embedding_sampling over the stack, radius absolute or times |e|."""
+        limit = self.radius * (stack.norm().item() if self.radius_mode == "relative" else 1)
+
+        def sample(is_coref):
+            while True:
+                v = torch.randn(stack.shape, generator=g)
+                r = torch.rand(1, generator=g).item() * limit
+                direction = v - stack
+                direction = direction / direction.norm()
+                sampled = stack + r * direction
+                similarity = F.cosine_similarity(
+                    torch.flatten(stack), torch.flatten(sampled), dim=0
+                ).item()
+                if is_coref and 0.5 <= similarity <= 0.9:
+                    return sampled
+                if not is_coref and similarity < 0.5:
+                    return sampled
+
+        return [sample(True) for _ in range(self.m)], [sample(False) for _ in range(self.n)]
 
     def loss(self, iteration):
         g = torch.Generator().manual_seed(seed_for(self.seed, iteration))
-        i = int(torch.randint(1, self.ddim_steps, (1,), generator=g))
-        x = torch.randn(self.shape, generator=g) * self.scheduler.init_noise_sigma
-        corefs, retains = [], []
+        i = int(torch.randint(1, self.ddim_steps - 1, (1,), generator=g))
+        x = torch.randn(self.shape, generator=g)
+        positive = self.text_embeddings(self.target)
+        neutral_stack = self.text_embeddings("")
+        corefs, retains = [], []  # (stack, weight)
         if self.strategy == "crce":
             if self.fixed:
                 ci, ri = self.fixed_draw
             else:
                 ci = torch.randperm(len(self.corefs), generator=g)[: self.m].tolist()
                 ri = torch.randperm(len(self.retains), generator=g)[: self.n].tolist()
-            corefs = [self.corefs[k] for k in ci]
-            retains = [self.retains[k] for k in ri]
+            corefs = [(self.text_embeddings(self.corefs[k][0]), self.corefs[k][1]) for k in ci]
+            retains = [(self.text_embeddings(self.retains[k][0]), self.retains[k][1]) for k in ri]
+        elif self.strategy == "sphere" or (self.strategy == "realera" and iteration % 2 == 0):
+            c, r = self.neighbours(positive, g)
+            corefs, retains = [(n, 1.0) for n in c], [(n, 1.0) for n in r]
+        scheduler = DDIMScheduler.from_config(self.config)
+        scheduler.set_timesteps(self.ddim_steps)
+        x = x * scheduler.init_noise_sigma
         sampler = self.model if self.xt_model == "trained" else self.frozen_model
         with torch.no_grad():
-            for t in self.scheduler.timesteps[:i]:
-                eu, ec = self.predict_noise(sampler, x, t, self.target)
-                x = self.scheduler.step(eu + self.guidance * (ec - eu), t, x).prev_sample
-        t_ddpm = torch.tensor(int(i / self.ddim_steps * 1000))
+            for t in scheduler.timesteps[:i]:
+                e = self.predict_noise(sampler, x, t, positive, self.guidance)
+                x = scheduler.step(e, t, x).prev_sample
+        scheduler.set_timesteps(1000)
+        t = scheduler.timesteps[int(i / self.ddim_steps * 1000)]
+        self.timesteps.append((i, int(t)))
         with torch.no_grad():
-            e_0, e_p = self.predict_noise(self.frozen_model, x, t_ddpm, self.target)
+            e_p = self.predict_noise(self.frozen_model, x, t, positive)
+            e_0 = self.predict_noise(self.frozen_model, x, t, neutral_stack)
         anchor = e_0 - self.eta * (e_p - e_0)
-        _, e_n = self.predict_noise(self.model, x, t_ddpm, self.target)
-        loss = F.mse_loss(e_n, anchor)
+        esd = F.mse_loss(self.predict_noise(self.model, x, t, positive), anchor)
+        if self.strategy == "realera":
+            if iteration % 2:
+                return esd
+            loss = 0.0
+            for stack, _ in corefs:
+                loss = loss + F.mse_loss(self.predict_noise(self.model, x, t, stack), anchor)
+            for stack, _ in retains:
+                with torch.no_grad():
+                    original = self.predict_noise(self.frozen_model, x, t, stack)
+                loss = loss + F.mse_loss(self.predict_noise(self.model, x, t, stack), original)
+            return loss
+        loss = esd
         if corefs:
             total = 0.0
-            for text, weight in corefs:
+            for stack, weight in corefs:
                 if self.coref_anchor == "self":
                     with torch.no_grad():
-                        c_0, c_p = self.predict_noise(self.frozen_model, x, t_ddpm, text)
-                    coref_anchor = c_0 - self.eta * (c_p - c_0)
+                        c_p = self.predict_noise(self.frozen_model, x, t, stack)
+                    coref_anchor = e_0 - self.eta * (c_p - e_0)
                 else:
                     coref_anchor = anchor
-                _, c_n = self.predict_noise(self.model, x, t_ddpm, text)
+                c_n = self.predict_noise(self.model, x, t, stack)
                 total = total + weight * F.mse_loss(c_n, coref_anchor)
             loss = loss + self.alpha * total / len(corefs)
         if retains:
             total = 0.0
-            for text, weight in retains:
+            for stack, weight in retains:
                 with torch.no_grad():
-                    _, r_star = self.predict_noise(self.frozen_model, x, t_ddpm, text)
-                _, r_n = self.predict_noise(self.model, x, t_ddpm, text)
+                    r_star = self.predict_noise(self.frozen_model, x, t, stack)
+                r_n = self.predict_noise(self.model, x, t, stack)
                 total = total + weight * F.mse_loss(r_n, r_star)
             loss = loss + self.beta * total / len(retains)
         return loss

@@ -72,3 +72,57 @@ def test_structural_errors_are_clear():
     broken = dict(entry, **{"test-coref-certainty": ["Sure"] * 5})
     with pytest.raises(DatasetError, match="unknown certainty level 'Sure'"):
         import_entry(broken, SHEET["cat"], "object.json")
+
+
+@pytest.fixture
+def dataset_server(tmp_path):
+    """A local HTTP server with the two shared files and a tampered copy of object.json."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    good, tampered = tmp_path / "good", tmp_path / "tampered"
+    for folder in (good, tampered):
+        folder.mkdir()
+        for name in ("object.json", "ip.json"):
+            shutil.copy(COREFCONCEPT / name, folder / name)
+    (tampered / "object.json").write_text(
+        (good / "object.json").read_text().replace("pooch", "pooh")
+    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+SHA256 = {
+    "object": "825c6ffb8905034901c53036becb7f51eed7b4c9ddc84d83af128fb0e5538690",
+    "ip": "90c469329ca0f34b08595f70495661fc0d2f9badec7b32abbb9e66c04d58e0f1",
+}
+
+
+def test_fetch_checks_the_pinned_checksum(dataset_server, tmp_path):
+    from crce.corefconcept import fetch
+
+    out = tmp_path / "out" / "object.json"
+    fetch(f"{dataset_server}/good", "object.json", SHA256["object"], out)
+    assert out.read_bytes() == (COREFCONCEPT / "object.json").read_bytes()
+    with pytest.raises(DatasetError, match=r"object\.json: sha256 \w+ differs from the pinned"):
+        fetch(f"{dataset_server}/tampered", "object.json", SHA256["object"], tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
+    with pytest.raises(DatasetError, match=r"celebrity\.json: .*/good/celebrity\.json.*HTTP 404"):
+        fetch(f"{dataset_server}/good", "celebrity.json", None, tmp_path / "c.json")
+
+
+def test_a_local_dataset_missing_a_needed_file_is_named(tmp_path):
+    from crce.concepts import Concept
+    from crce.corefconcept import check_local_dataset
+
+    objects = [Concept(id="cat", text="cat", category="object")]
+    check_local_dataset(str(COREFCONCEPT), objects)  # no celebrity in the sheet: fine
+    tom = Concept(id="tom-hanks", text="Tom Hanks", category="celebrity")
+    with pytest.raises(DatasetError, match=r"has no celebrity\.json.*\(Tom Hanks\)"):
+        check_local_dataset(str(COREFCONCEPT), [*objects, tom])

@@ -26,12 +26,18 @@ CASES = {
     "crce-frozen-xt-qk": dict(
         strategy="crce", n_corefs=2, n_retains=2, xt_model="frozen", params="xattn-qk"
     ),
+    # As the official code computes them: own anchors and means (sphere), sums and the
+    # target's anchor on alternate iterations (RealEra).
+    "crce-sphere": dict(strategy="sphere", n_corefs=3, n_retains=2, coref_anchor="self"),
+    "realera": dict(strategy="realera", n_corefs=3, n_retains=2, coref_anchor="target"),
 }
 COMMON = dict(lr=1e-4, ddim_steps=6, eta=1.0, start_guidance=3.0)
+SPHERE = dict(radius=1.2, radius_mode="relative")  # the tiny text space (config/README.md)
 SEED = 123
 
 
 def eraser(pipe, split, seed=SEED, **settings):
+    settings.setdefault("sphere", SphereSettings(**SPHERE))
     return Eraser(pipe, {"m": TrainSettings(**settings)}, "cat", split, seed=seed)
 
 
@@ -40,11 +46,12 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_the_naive_reference(tiny_model, cat_split, case):
+def test_matches_the_official_computation(tiny_model, cat_split, case):
     kw = {**COMMON, **CASES[case]}
     ours = eraser(load_pipeline(tiny_model), cat_split, **kw, iterations=3, precision="float32")
-    ref = ReferenceTrainer(load_pipeline(tiny_model), "cat", cat_split, **kw, seed=SEED)
+    ref = ReferenceTrainer(load_pipeline(tiny_model), "cat", cat_split, **kw, **SPHERE, seed=SEED)
 
+    # Iteration 0 (RealEra: a neighbour iteration), then 1 and 2 (RealEra: ESD, neighbours).
     ours.optimizer.zero_grad()
     loss = ours.losses(0)["m"]
     loss.backward()
@@ -64,6 +71,62 @@ def test_matches_the_naive_reference(tiny_model, cat_split, case):
         ref.step(iteration)
     for name, tensor in ref.tensors().items():
         assert rel(ours.trained["m"][name].detach(), tensor) <= 1e-5, name
+    assert [(h["ddim_index"], h["timestep"]) for h in [ours.last_step]] == ref.timesteps[-1:]
+
+
+@pytest.mark.parametrize("ddim_steps", [4, 50])
+def test_unet_timestep_matches_the_noise_level_of_x_t(tiny_model, cat_split, ddim_steps):
+    """Every loss prediction is made at a timestep within one DDIM stride of the noise level
+    of the x_t it is given (x_t after i rollout steps sits one stride below the last step's
+    timestep); i is drawn from 1..ddim_steps-2 as the official randint(1, nsteps - 1)."""
+    erase = eraser(load_pipeline(tiny_model), cat_split, ddim_steps=ddim_steps, iterations=1)
+    calls = []
+    forward = erase.unet.forward
+
+    def spy(sample, timestep, *args, **kwargs):
+        calls.append(int(timestep))
+        return forward(sample, timestep, *args, **kwargs)
+
+    erase.unet.forward = spy
+    stride = 1000 // ddim_steps
+    drawn = set()
+    with torch.no_grad():
+        for iteration in range(12 if ddim_steps == 4 else 4):
+            calls.clear()
+            erase.losses(iteration)
+            i = erase.last_step["ddim_index"]
+            drawn.add(i)
+            rollout, loss_calls = calls[:i], calls[i:]
+            assert len(loss_calls) == 2  # one frozen and one trainable call
+            noise_level = rollout[-1] - stride  # x_t after the last rollout step
+            for timestep in loss_calls:
+                assert abs(timestep - noise_level) <= stride, (i, timestep, noise_level)
+    assert drawn <= set(range(1, ddim_steps - 1)) and (ddim_steps != 4 or drawn == {1, 2})
+
+
+def test_every_method_of_a_concept_draws_the_same_noise(tiny_model, cat_split):
+    """Paired training noise: i and x_T depend on (seed, concept, iteration), not the method."""
+    draws = []
+    for settings in (dict(strategy="esd"), dict(strategy="crce"), dict(strategy="realera")):
+        erase = eraser(load_pipeline(tiny_model), cat_split, ddim_steps=8, **settings)
+        draws.append([erase.draw(k)[:2] for k in range(5)])
+    for other in draws[1:]:
+        for (i, noise), (j, other_noise) in zip(draws[0], other, strict=True):
+            assert i == j and torch.equal(noise, other_noise)
+    assert len({i for i, _ in draws[0]}) > 1
+
+
+def test_a_checkpoint_of_another_trainer_version_is_not_resumed(
+    tiny_model, cat_split, tmp_path, monkeypatch
+):
+    import crce.erase
+
+    settings = dict(strategy="esd", lr=1e-3, iterations=2, ddim_steps=3)
+    eraser(load_pipeline(tiny_model), cat_split, **settings).train(tmp_path, progress=False)
+    assert eraser(load_pipeline(tiny_model), cat_split, **settings).load_checkpoint(tmp_path)[0]
+    monkeypatch.setattr(crce.erase, "TRAINER_VERSION", crce.erase.TRAINER_VERSION + 1)
+    again = eraser(load_pipeline(tiny_model), cat_split, **settings)
+    assert again.load_checkpoint(tmp_path)[0] == 0
 
 
 def test_default_trains_only_attn2_kv_and_qk_option(tiny_model, cat_split):
@@ -167,25 +230,36 @@ def test_unknown_names_fail(key, value):
         resolve_method("x", {key: value}, {})
 
 
-def test_sphere_neighbours_obey_their_rules():
-    embedding = torch.randn(16, 32)
-    sphere = SphereSettings(radius=2.0, coref_cos_min=0.5, coref_cos_max=0.9, retain_cos_max=0.5)
-    corefs, retains = sphere_neighbours(embedding, 10, 2, sphere, torch.Generator().manual_seed(0))
-    assert corefs.shape == (10, 16, 32) and retains.shape == (2, 16, 32)
-    cos = lambda n: torch.nn.functional.cosine_similarity(n.flatten(), embedding.flatten(), dim=0)  # noqa: E731
+@pytest.mark.parametrize("mode, radius", [("relative", 1.2), ("absolute", 400.0)])
+def test_sphere_neighbours_obey_their_rules(mode, radius):
+    # A stack [uncond; cond] of LayerNorm outputs: |e| = sqrt(numel); 2x77x768 is CLIP-L's.
+    shape = (2, 16, 32) if mode == "relative" else (2, 77, 768)
+    stack = torch.nn.functional.layer_norm(torch.randn(shape), shape[-1:])
+    sphere = SphereSettings(radius=radius, radius_mode=mode)
+    corefs, retains = sphere_neighbours(stack, 10, 2, sphere, torch.Generator().manual_seed(0))
+    assert corefs.shape == (10, *shape) and retains.shape == (2, *shape)
+    cos = lambda n: torch.nn.functional.cosine_similarity(n.flatten(), stack.flatten(), dim=0)  # noqa: E731
+    limit = radius * (stack.norm() if mode == "relative" else 1)
     for n in corefs:
         assert 0.5 <= cos(n) <= 0.9
-        assert (n - embedding).norm() <= 2.0 * embedding.norm() + 1e-4
+        assert (n - stack).norm() <= limit + 1e-3
     for n in retains:
-        assert cos(n) < 0.5
-    again = sphere_neighbours(embedding, 10, 2, sphere, torch.Generator().manual_seed(0))
+        assert cos(n) < 0.5 and (n - stack).norm() <= limit + 1e-3
+    again = sphere_neighbours(stack, 10, 2, sphere, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], corefs) and torch.equal(again[1], retains)
+
+
+def test_an_unreachable_cosine_band_fails_clearly():
+    stack = torch.nn.functional.layer_norm(torch.randn(2, 16, 32), (32,))
+    band = SphereSettings(radius=1.2, radius_mode="relative", coref_cos_min=0.999)
+    with pytest.raises(TrainingError, match="no neighbour in its cosine band within 300 draws"):
+        sphere_neighbours(stack, 3, 2, band, torch.Generator().manual_seed(0), max_draws=300)
 
 
 @pytest.mark.parametrize("strategy, m, n", [("sphere", 5, 3), ("realera", 10, 2)])
 def test_sphere_strategies_are_deterministic_and_learn(tiny_model, cat_split, strategy, m, n):
     settings = dict(
-        strategy=strategy, n_corefs=m, n_retains=n, lr=2e-3, iterations=16, ddim_steps=3
+        strategy=strategy, n_corefs=m, n_retains=n, lr=2e-3, iterations=16, ddim_steps=4
     )
     runs = []
     for _ in range(2):
@@ -195,7 +269,7 @@ def test_sphere_strategies_are_deterministic_and_learn(tiny_model, cat_split, st
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     # The loss on a fixed iteration's batch falls with training.
     erase = eraser(load_pipeline(tiny_model), cat_split, seed=2, **settings)
-    probe = 1 if strategy == "realera" else 0  # a neighbour iteration for RealEra
+    probe = 0  # a neighbour iteration for RealEra (even)
     with torch.no_grad():
         start = erase.losses(probe)["m"].item()
     for it in range(16):

@@ -3,6 +3,7 @@
 import json
 import math
 import shlex
+from pathlib import Path
 
 import httpx2
 import pandas as pd
@@ -102,6 +103,40 @@ def test_changed_settings_clear_stale_images(tiny_model, cat_split, tmp_path):
     frame = pd.read_parquet(manifest)
     assert {"method", "concept", "group", "prompt", "seed", "path"} <= set(frame.columns)
     assert len(frame) == 31
+
+
+def test_images_are_drawn_with_the_configured_sampler(tiny_model, cat_split, tmp_path):
+    """SD v1.4 ships PNDM (the tiny model saves its config verbatim); the paper samples with
+    DDIM: the sampler is built from the model's own config and named beside the images."""
+    config = json.loads((Path(tiny_model) / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and config["steps_offset"] == 1
+    split_path = tmp_path / "split.json"
+    split_path.write_text(cat_split.model_dump_json())
+    records = {}
+    for name in ("ddim", "pndm"):
+        manifest = tmp_path / name / "manifest.parquet"
+        sample_run(
+            split_path=str(split_path),
+            method="sd",
+            settings=SampleSettings(
+                images_per_prompt=1, steps=2, resolution=32, precision="float32", scheduler=name
+            ),
+            runtime=SampleRuntime(device="cpu"),
+            model=tiny_model,
+            seed=1,
+            delta=None,
+            manifest=str(manifest),
+        )
+        records[name] = json.loads((manifest.parent / "sampling.json").read_text())
+        frame = pd.read_parquet(manifest)
+        records[name]["first"] = (manifest.parent / frame["path"].iloc[0]).read_bytes()
+    ddim = records["ddim"]["scheduler"]
+    assert ddim["class"] == "DDIMScheduler"
+    # From SD v1.4's config, not DDIM's defaults (set_alpha_to_one and clip_sample are true there).
+    assert ddim["config"]["set_alpha_to_one"] is False and ddim["config"]["clip_sample"] is False
+    assert ddim["config"]["steps_offset"] == 1
+    assert records["pndm"]["scheduler"]["class"] == "PNDMScheduler"
+    assert records["ddim"]["first"] != records["pndm"]["first"]
 
 
 def _manifest(tmp_path, method, n=6):
@@ -255,3 +290,50 @@ def test_wilson_interval():
     low, high = wilson(8, 10)
     assert math.isclose(low, 0.4902, abs_tol=1e-4) and math.isclose(high, 0.9433, abs_tol=1e-4)
     assert wilson(0, 10)[0] == 0.0
+
+
+def test_table2_distances_are_on_normalised_embeddings(tiny_model, cat_split, tmp_path):
+    """The paper's Euclidean column is sqrt(2 - 2 cos) on every row: distances on unit
+    vectors. Checked on the pipeline's own output file, for both embeddings it reports."""
+    from crce.clip import run
+
+    split_path = tmp_path / "split.json"
+    split_path.write_text(cat_split.model_dump_json())
+    run(split_path=str(split_path), pretrained=tiny_model, output=str(tmp_path / "d.csv"))
+    table = pd.read_csv(tmp_path / "d.csv")
+    assert len(table) == 30
+    for cos, euc in (("cosine", "euclidean"), ("cosine_tokens", "euclidean_tokens")):
+        expected = (2 - 2 * table[cos]).clip(lower=0) ** 0.5
+        assert ((table[euc] - expected).abs() < 1e-4).all(), cos
+        assert table[cos].between(-1, 1).all() and table[cos].nunique() > 1
+
+
+def test_table2_beside_the_papers_rows():
+    from crce.clip import versus_paper
+    from crce.paper import PAPER_TABLE2
+
+    ours = pd.DataFrame(
+        [
+            {"group": "coref_train", "text": "pooch", "cosine": 0.5, "euclidean": 1.0},
+            {"group": "retain_train", "text": "bush dog", "cosine": 0.4, "euclidean": 1.1},
+        ]
+    )
+    table = versus_paper(ours, "dog").set_index("text")
+    assert len(table) == 31  # the paper's 30 rows and our one extra
+    assert table.loc["pooch", "paper_cosine"] == 0.9166 and table.loc["pooch", "cosine"] == 0.5
+    assert math.isnan(table.loc["cat", "cosine"]) and table.loc["cat", "kind"] == "retain"
+    assert math.isnan(table.loc["bush dog", "paper_cosine"])
+    for items in PAPER_TABLE2["dog"].values():
+        for cos, euc in items.values():  # the paper's own numbers obey the identity
+            assert abs(euc - (2 - 2 * cos) ** 0.5) < 1e-3
+
+
+def test_versus_paper_carries_every_paper_row_we_have():
+    from crce.paper import PAPER_TABLE1
+
+    labels = list(PAPER_TABLE1)
+    table = pd.DataFrame([{"method": m, "object/Acc_U": 10.0} for m in labels + ["Mine"]])
+    vs = versus_paper(table)
+    assert sorted(set(vs["method"])) == sorted(labels)
+    mace = vs[(vs.method == "MACE") & (vs.metric == "Acc_U") & (vs.category == "object")]
+    assert mace["paper"].item() == 2.10 and mace["difference"].item() == round(10.0 - 2.10, 2)

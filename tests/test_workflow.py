@@ -1,5 +1,7 @@
 """The workflow as Snakemake sees it: config overlays, DAG shape, add-a-row, lint."""
 
+import hashlib
+import json
 import re
 import shutil
 
@@ -32,9 +34,7 @@ def get(config, keys):
     return config
 
 
-@pytest.mark.parametrize(
-    "overlay", [p.name for p in sorted((REPO / "config").glob("*.yaml")) if p.name != "config.yaml"]
-)
+@pytest.mark.parametrize("overlay", ["test.yaml", "demo.yaml"])
 def test_overlay_overrides_every_scale_key(overlay):
     base, merged = resolved(overlay)
     for keys in SCALE_KEYS:
@@ -113,19 +113,16 @@ def test_adding_a_row_plans_only_that_concept(workdir):
     assert all(after[name] == mtime for name, mtime in before.items())
 
 
-@pytest.mark.slow
-def test_corefconcept_without_llm(workdir, tmp_path):
-    """Objects and IPs get the dataset's split; a celebrity fails alone, naming itself."""
+def dataset_overlay(tmp_path, sheet_text: str, dataset: str) -> str:
+    """An overlay with its own sheet, the dataset at `dataset` and an LLM that cannot answer."""
     sheet = tmp_path / "sheet.tsv"
-    sheet.write_text(
-        "concept\tcategory\ndeer\tobject\ntruck\tobject\nApple (company)\tobject\nBatman\tip\nTom Hanks\tcelebrity\n"
-    )
+    sheet.write_text("concept\tcategory\n" + sheet_text)
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(
         yaml.safe_dump(
             {
                 "concepts": str(sheet),
-                "corefs": {"corefconcept_dir": str(COREFCONCEPT), "curated_dir": None},
+                "corefs": {"dataset": dataset, "curated_dir": None},
                 "llm": {
                     "base_url": "http://127.0.0.1:9/v1",
                     "max_retries": 2,
@@ -134,14 +131,80 @@ def test_corefconcept_without_llm(workdir, tmp_path):
             }
         )
     )
-    result = snakemake(workdir, "--keep-going", "splits", "--configfile", str(overlay))
+    return str(overlay)
+
+
+@pytest.mark.slow
+def test_the_papers_lists_come_from_the_pinned_dataset(workdir, tmp_path):
+    """URL mode against a local server with the shared files: the dataset's concepts get its
+    lists and its 10/5 split, checked against the pinned sha256, with no LLM call; a concept
+    the dataset lacks goes to the (here unreachable) LLM and fails alone, naming itself."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(COREFCONCEPT))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rows = "deer\tobject\ntruck\tobject\nApple (company)\tobject\nBatman\tip\nzebra crossing\tobject\n"
+        overlay = dataset_overlay(tmp_path, rows, f"http://127.0.0.1:{server.server_port}")
+        result = snakemake(workdir, "--keep-going", "splits", "--configfile", overlay)
+    finally:
+        server.shutdown()
     assert result.returncode != 0
     splits = sorted(p.stem for p in (workdir / "results" / "splits").glob("*.json"))
     assert splits == ["apple-company", "batman", "deer", "truck"]
-    log = (workdir / "logs" / "corefs" / "tom-hanks.log").read_text()
-    assert "Tom Hanks" in log and "no LLM answered" in log
-    failed = re.findall(r"Error in rule (\w+):", result.stdout)
-    assert failed == ["coref_lists"]
+    fetched = sorted(p.name for p in (workdir / "results" / "corefconcept").glob("*.json"))
+    assert fetched == ["ip.json", "object.json"]  # no celebrity in the sheet: not fetched
+    lists = json.loads((workdir / "results" / "corefs" / "batman.json").read_text())
+    assert lists["provenance"]["source"] == "corefconcept"
+    assert (
+        lists["provenance"]["sha256"]
+        == hashlib.sha256((COREFCONCEPT / "ip.json").read_bytes()).hexdigest()
+    )
+    assert lists["provenance"]["origin"].endswith("/ip.json")
+    split = json.loads((workdir / "results" / "splits" / "batman.json").read_text())
+    entry = next(
+        e
+        for e in json.loads((COREFCONCEPT / "ip.json").read_text())["ip"]
+        if e["concept"] == "Batman"
+    )
+    assert [i["text"] for i in split["coref_train"]] == entry["train-coref"]
+    log = (workdir / "logs" / "corefs" / "zebra-crossing.log").read_text()
+    assert "not in the CorefConcept dataset" in log and "no LLM answered" in log
+    assert re.findall(r"Error in rule (\w+):", result.stdout) == ["coref_lists"]
+
+
+def test_a_local_dataset_without_a_needed_file_stops_before_any_job(workdir, tmp_path):
+    overlay = dataset_overlay(tmp_path, "cat\tobject\nTom Hanks\tcelebrity\n", str(COREFCONCEPT))
+    result = snakemake(workdir, "-n", "splits", "--configfile", overlay)
+    assert result.returncode != 0
+    assert "has no celebrity.json" in result.stdout and "Tom Hanks" in result.stdout
+    ok = dataset_overlay(tmp_path, "cat\tobject\nBatman\tip\n", str(COREFCONCEPT))
+    assert snakemake(workdir, "-n", "splits", "--configfile", ok).returncode == 0
+
+
+def test_the_official_profile_sets_every_knob_of_the_official_code():
+    from crce.settings import Study
+
+    _, merged = resolved("official.yaml")
+    study = Study(merged)
+    for name in ("esd-x", "crce", "crce-fixed", "crce-sphere", "realera"):
+        s = study.trained[name]
+        assert (s.params, s.lr, s.precision) == ("xattn-qk", 2e-5, "float32"), name
+        assert (s.iterations, s.eta, s.start_guidance, s.ddim_steps) == (500, 1.0, 3.0, 50)
+        assert s.xt_model == "trained" and (s.alpha, s.beta) == (1.0, 1.0)
+    assert study.trained["crce"].coref_anchor == "self"
+    assert study.trained["crce-sphere"].coref_anchor == "self"
+    realera = study.trained["realera"]
+    assert (realera.n_corefs, realera.n_retains, realera.coref_anchor) == (5, 3, "target")
+    assert (realera.sphere.radius, realera.sphere.radius_mode) == (400, "absolute")
+    paper = Study(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    assert (paper.trained["realera"].n_corefs, paper.trained["realera"].n_retains) == (10, 2)
+    assert (study.sample, study.judge) == (paper.sample, paper.judge)
+    assert study.sample.scheduler == "ddim" and study.sample.steps == 50
 
 
 def test_full_paper_dag_dry_run(workdir):

@@ -1,35 +1,95 @@
-"""Paper Table 2: distance of each coref/retain to the target in the model's text space."""
+"""Paper Table 2: how near each coref and retain is to the target in the model's text space.
+
+Distances are computed on L2-normalised embeddings, as the paper's are (its Euclidean column
+equals sqrt(2 - 2 cos) on every row). Two embeddings, two pairs of columns:
+- `cosine`, `euclidean`: the pooled CLIP text embedding (the final hidden state at the end
+  token, `pooler_output`): CLIP's own sentence embedding, the space the paper calls "CLIP text
+  space", independent of prompt length and padding. (SD v1.4 ships no text projection, so this
+  is the pooled state before CLIP's projection.)
+- `cosine_tokens`, `euclidean_tokens`: the flattened per-token conditioning the UNet sees.
+"""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from .lists import Split
-from .modeling import encode_prompts, load_pipeline
+from .modeling import load_pipeline
+from .paper import PAPER_TABLE2
 from .settings import GROUPS
+
+
+@torch.no_grad()
+def text_embeddings(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled ([n, D]) and flattened per-token ([n, L*D]) embeddings, L2-normalised."""
+    tokens = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    output = pipe.text_encoder(tokens)
+    normalise = lambda x: torch.nn.functional.normalize(x.float(), dim=1)  # noqa: E731
+    return normalise(output.pooler_output), normalise(output.last_hidden_state.flatten(1))
+
+
+def _distances(embeddings: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Cosine and Euclidean distance of rows 1.. to row 0 (unit vectors)."""
+    target, others = embeddings[0:1], embeddings[1:]
+    cosine = (others @ target.T).squeeze(1)
+    return cosine.tolist(), (others - target).norm(dim=1).tolist()
 
 
 def text_distances(pipe, split: Split) -> pd.DataFrame:
     items = [(g, i.text, i.certainty.value) for g in GROUPS[1:] for i in getattr(split, g)]
-    embeddings = encode_prompts(pipe, [split.concept] + [text for _, text, _ in items])
-    flat = embeddings.flatten(1).float()  # what the UNet is conditioned on
-    target = flat[0:1]
-    cosine = torch.nn.functional.cosine_similarity(flat[1:], target).tolist()
-    euclidean = (flat[1:] - target).norm(dim=1).tolist()
-    return pd.DataFrame(
-        [
+    pooled, tokens = text_embeddings(pipe, [split.concept] + [text for _, text, _ in items])
+    (cos, euc), (cos_t, euc_t) = _distances(pooled), _distances(tokens)
+    rows = []
+    for k, (group, text, certainty) in enumerate(items):
+        rows.append(
             {
                 "concept": split.concept,
                 "group": group,
                 "text": text,
                 "certainty": certainty,
-                "cosine": cos,
-                "euclidean": dist,
+                "cosine": cos[k],
+                "euclidean": euc[k],
+                "cosine_tokens": cos_t[k],
+                "euclidean_tokens": euc_t[k],
             }
-            for (group, text, certainty), cos, dist in zip(items, cosine, euclidean, strict=True)
-        ]
-    )
+        )
+    return pd.DataFrame(rows)
+
+
+def versus_paper(distances: pd.DataFrame, concept: str) -> pd.DataFrame:
+    """Our Table 2 beside the paper's, item by item (an item only one side has: NaN)."""
+    paper = PAPER_TABLE2[concept]
+    ours = {r.text: r for r in distances.itertuples()}
+    rows = []
+    for kind, items in paper.items():
+        for text, (cos, euc) in items.items():
+            row = ours.get(text)
+            rows.append(
+                {
+                    "kind": kind,
+                    "text": text,
+                    "cosine": row.cosine if row else math.nan,
+                    "paper_cosine": cos,
+                    "euclidean": row.euclidean if row else math.nan,
+                    "paper_euclidean": euc,
+                }
+            )
+    for text, row in ours.items():
+        kind = row.group.split("_")[0]
+        if text not in paper["coref"] and text not in paper["retain"]:
+            rows.append({"kind": kind, "text": text, "cosine": row.cosine, "paper_cosine": math.nan,
+                         "euclidean": row.euclidean, "paper_euclidean": math.nan})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def run(*, split_path: str, pretrained: str, output: str) -> None:
@@ -37,3 +97,9 @@ def run(*, split_path: str, pretrained: str, output: str) -> None:
 
     pipe = load_pipeline(pretrained)
     text_distances(pipe, read_split(split_path)).to_csv(output, index=False, float_format="%.6g")
+
+
+def run_versus_paper(*, distances: str, concept: str, output: str) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    table = versus_paper(pd.read_csv(distances), concept)
+    table.to_csv(output, index=False, float_format="%.4f")

@@ -1,14 +1,21 @@
-"""Import of the official CorefConcept dataset (`{object,ip,celebrity}.json`).
+"""The official CorefConcept dataset (`{object,ip,celebrity}.json`): fetching it at the pinned
+commit with checksums, and importing its entries.
 
-Entries are matched by concept text (case-insensitive), never by file or `type`: the real
-files put `Apple (company)` in object.json with type `IP`. Imported lists are data, not LLM
-output: irregularities are kept and recorded as warnings; structural errors are errors.
+Entries are matched by concept text (case-insensitive), never by `type`: the real files put
+`Apple (company)` in object.json with type `IP`. Imported lists are data, not LLM output:
+irregularities are kept and recorded as warnings; structural errors are errors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .concepts import Concept
 from .lists import Certainty, ConceptLists, GivenSplit, Item, Provenance, Warning_
@@ -24,14 +31,79 @@ EXPECTED_LENGTH = {
 LOWEST = Certainty.very_low
 
 
+log = logging.getLogger(__name__)
+
+
 class DatasetError(ValueError):
-    """A structurally broken dataset entry."""
+    """A dataset file that cannot be had or trusted, or a structurally broken entry."""
 
 
-def find_entry(folder: str | Path, text: str) -> tuple[dict, Path] | None:
-    """The entry whose `concept` equals `text` (case-insensitive), from any file in `folder`."""
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://", "file://"))
+
+
+def _transient(err: BaseException) -> bool:
+    code = getattr(err, "code", None)
+    return isinstance(err, urllib.error.URLError) and (code is None or code == 429 or code >= 500)
+
+
+@retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(4),
+    wait=wait_exponential(multiplier=1, max=20),
+    reraise=True,
+)
+def _get(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def check_local_dataset(source: str | None, concepts) -> None:
+    """A local dataset folder must hold the file of every category the sheet has concepts in
+    (parse time, before any job)."""
+    if not source or is_url(source):
+        return
+    for category in sorted({c.category for c in concepts}):
+        if not (Path(source) / f"{category}.json").is_file():
+            names = ", ".join(c.text for c in concepts if c.category == category)
+            raise DatasetError(
+                f"corefs.dataset: {source} has no {category}.json, needed by the sheet's "
+                f"{category} concepts ({names}); give the folder with that file, a URL, or null"
+            )
+
+
+def fetch(source: str, name: str, sha256: str | None, output: str | Path, timeout=60.0) -> None:
+    """Fetch `{source}/{name}` to `output` (written only once its sha256 matches `sha256`):
+    the `download` target runs this on the login node, jobs then read the file offline."""
+    url = f"{source.rstrip('/')}/{name}"
+    try:
+        data = _get(url, timeout)
+    except urllib.error.HTTPError as err:
+        raise DatasetError(
+            f"CorefConcept file {name}: {url} answered HTTP {err.code}; check corefs.dataset"
+        ) from None
+    except urllib.error.URLError as err:
+        raise DatasetError(f"CorefConcept file {name}: cannot reach {url} ({err.reason})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 and digest != sha256:
+        raise DatasetError(
+            f"CorefConcept file {name}: sha256 {digest} differs from the pinned {sha256} "
+            f"(corefs.dataset_sha256); {url} is not the file the paper's lists came from"
+        )
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(output)
+    log.info("%s: %d bytes, sha256 %s", url, len(data), digest)
+
+
+def find_entry(source: str | Path, text: str) -> tuple[dict, Path] | None:
+    """The entry whose `concept` equals `text` (case-insensitive), from a dataset file or any
+    file of a dataset folder."""
     key = text.strip().casefold()
-    for path in sorted(Path(folder).glob("*.json")):
+    source = Path(source)
+    for path in [source] if source.is_file() else sorted(source.glob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         for entries in data.values() if isinstance(data, dict) else [data]:
             for entry in entries:

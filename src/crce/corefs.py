@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -46,19 +47,31 @@ def build_lists(
     settings: ListSettings,
     runtime: LlmRuntime,
     server_log: str | Path | None = None,
+    dataset_file: str | Path | None = None,
 ) -> ConceptLists:
+    """Curated file, else the dataset's entry (from the file of the concept's category), else
+    the LLM; the provenance says which."""
     curated = Path(settings.curated_dir) / f"{concept.id}.json" if settings.curated_dir else None
     if curated and curated.is_file():
         log.info("%s: curated list %s", concept.text, curated)
         return curated_lists(curated, concept)
-    if settings.corefconcept_dir:
-        found = find_entry(settings.corefconcept_dir, concept.text)
+    if dataset_file:
+        found = find_entry(dataset_file, concept.text)
         if found:
             entry, source_file = found
-            log.info("%s: CorefConcept entry in %s", concept.text, source_file.name)
-            return import_entry(entry, concept, source_file.name)
+            log.info("%s: CorefConcept entry in %s", concept.text, source_file)
+            lists = import_entry(entry, concept, source_file.name)
+            origin = f"{settings.dataset.rstrip('/')}/{source_file.name}"
+            digest = hashlib.sha256(source_file.read_bytes()).hexdigest()
+            return lists.model_copy(
+                update={
+                    "provenance": lists.provenance.model_copy(
+                        update={"origin": origin, "sha256": digest}
+                    )
+                }
+            )
         log.info(
-            "%s: not in the CorefConcept dataset at %s", concept.text, settings.corefconcept_dir
+            "%s: not in the CorefConcept dataset (%s): asking the LLM", concept.text, dataset_file
         )
     log.info("%s: asking LLM %s", concept.text, settings.model)
     return call_served(
@@ -77,8 +90,9 @@ def run(
     runtime: LlmRuntime,
     output: str,
     server_log: str | None = None,
+    dataset_file: str | None = None,
 ) -> None:
-    lists = build_lists(concept, settings, runtime, server_log=server_log)
+    lists = build_lists(concept, settings, runtime, server_log, dataset_file)
     for warning in lists.provenance.warnings:
         log.warning("%s: %s: %s", warning.concept, warning.field, warning.what)
     write_model(lists, output)

@@ -8,9 +8,17 @@ Several methods of one concept can train at once (a group): they draw the same D
 x_T noise at every iteration, so one batch carries all of them, each slice computed with its
 own method's trained tensors (`_LinearCopies`).
 
-Randomness: iteration k draws from a generator seeded with derive_seed("crce-train", seed, k):
-the DDIM index i ~ U{1..ddim_steps-1}, the x_T noise, then the strategy's draws. A run needs
-no RNG state beyond its iteration counter, and a resumed run draws exactly what it would have.
+Randomness: iteration k draws from a generator seeded with derive_seed("crce-train", seed, k),
+where `seed` derives from (study seed, concept) only: every method of a concept sees the same
+DDIM index i ~ U{1..ddim_steps-2} (the official `randint(1, nsteps - 1)`) and the same x_T
+noise at iteration k (paired training noise), then its strategy's own draws. A run needs no
+RNG state beyond its iteration counter, and a resumed run draws exactly what it would have.
+
+Timestep: after i of the ddim_steps DDIM steps, x_t sits at the noise level of the i-th
+DDIM timestep; every prediction on it is made at the official code's
+`timesteps[int(i / ddim_steps * 1000)]` of the same DDIM scheduler set to 1000 steps (an
+index into the descending 1000-step schedule: 1000 - 20 i for SD v1.4 at DDIM 50, one stride
+from x_t's 981 - 20 i), derived from the scheduler, not from a formula.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from tqdm import tqdm
 
 from .losses import erasure_loss, esd_anchor
 from .modeling import device_for, encode_prompts, load_pipeline
-from .settings import TrainRuntime, TrainSettings, derive_seed
+from .settings import TRAINER_VERSION, TrainRuntime, TrainSettings, derive_seed
 from .strategies import STRATEGIES, Prompts, TrainingError
 
 log = logging.getLogger(__name__)
@@ -203,7 +211,9 @@ class Eraser:
 
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(s.ddim_steps)
-        self.train_timesteps = self.scheduler.config.num_train_timesteps
+        # The schedule every loss prediction indexes into (official: set_timesteps(1000)).
+        self.loss_schedule = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.loss_schedule.set_timesteps(self.loss_schedule.config.num_train_timesteps)
 
         self.strategies = {
             m: STRATEGIES[settings.strategy](settings, target, split, seed)
@@ -228,7 +238,9 @@ class Eraser:
             generator = torch.Generator().manual_seed(
                 derive_seed("crce-train", self.seed, iteration)
             )
-            ddim_index = int(torch.randint(1, self.shared.ddim_steps, (1,), generator=generator))
+            ddim_index = int(
+                torch.randint(1, self.shared.ddim_steps - 1, (1,), generator=generator)
+            )
             noise = torch.randn(self.latent_shape, generator=generator)
             shared = shared or (ddim_index, noise.to(self.device))
             plans[method] = strategy.plan(iteration, generator)
@@ -257,10 +269,10 @@ class Eraser:
         return latents.expand(len(self.names), -1, -1, -1)
 
     def unet_timestep(self, ddim_index: int) -> torch.Tensor:
-        """Official code: the 1000-step index int(i / ddim_steps * 1000)."""
-        return torch.tensor(
-            int(ddim_index / self.shared.ddim_steps * self.train_timesteps), device=self.device
-        )
+        """The UNet timestep of every loss prediction on x_t (module docstring)."""
+        schedule = self.loss_schedule.timesteps
+        index = int(ddim_index / self.shared.ddim_steps * len(schedule))
+        return schedule[index].to(self.device)
 
     def losses(self, iteration: int) -> dict[str, torch.Tensor]:
         ddim_index, noise, plans = self.draw(iteration)
@@ -341,7 +353,9 @@ class Eraser:
 
     # -- checkpoints ---------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {m: s.as_params() for m, s in self.settings.items()} | {"seed": self.seed}
+        """What a checkpoint must match to be resumed: an older trainer's never is."""
+        settings = {m: s.as_params() for m, s in self.settings.items()}
+        return {"methods": settings, "seed": self.seed, "trainer_version": TRAINER_VERSION}
 
     def save_checkpoint(self, folder: Path, iteration: int, history: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -447,10 +461,6 @@ def versions() -> dict:
     }
 
 
-def run_seed(base_seed: int, method: str, concept_id: str) -> int:
-    return derive_seed(base_seed, method, concept_id) & 0xFFFFFFFF
-
-
 def run(
     *,
     concept: dict,
@@ -459,6 +469,7 @@ def run(
     seed: int,
     runtime: dict,
     split_path: str,
+    trainer_version: int = TRAINER_VERSION,
     outputs: dict[str, str],
     checkpoint_dir: str,
 ) -> None:
@@ -468,10 +479,14 @@ def run(
 
     from .lists import read_split
 
+    if trainer_version != TRAINER_VERSION:
+        raise TrainingError(
+            f"the workflow planned trainer version {trainer_version}, this code is version "
+            f"{TRAINER_VERSION}: rerun snakemake so the job is planned with this code"
+        )
     settings = {m: TrainSettings(**spec) for m, spec in methods.items()}
     runtime = TrainRuntime(**runtime)
-    (only,) = settings  # step R: one method per job
-    seed = run_seed(seed, only, concept["id"])
+    seed = derive_seed(seed, concept["id"])  # every method of the concept: paired noise
     device = device_for(runtime.device)
     torch.manual_seed(seed)
     first = next(iter(settings.values()))
@@ -505,6 +520,7 @@ def run(
             "settings": methods[method],
             "model": model,
             "seed": seed,
+            "trainer_version": TRAINER_VERSION,
             "device": str(device),
             "host": platform.node(),
             "versions": versions(),

@@ -67,6 +67,9 @@ class Warning_(_Strict):
 class Provenance(_Strict):
     source: Literal["curated", "corefconcept", "llm", "toy"]
     model: str | None = None
+    # The file the lists were read from (dataset URL or path) and its sha256.
+    origin: str | None = None
+    sha256: str | None = None
     prompt_version: str | None = None
     raw_response: str | None = None
     attempts: int | None = None

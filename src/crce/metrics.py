@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .paper import PAPER_TABLE1
 from .settings import CATEGORIES
 
 METRICS = {
@@ -17,25 +18,7 @@ METRICS = {
     "retain_test": "Acc_R_test",
 }
 # The paper's Table 1 row order; labels come from each method's config.
-PAPER_ORDER = ("SD", "ESD-x", "MACE", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE")
-# Paper, Table 1 (percent): category -> U, C-train, C-test, R-train, R-test.
-PAPER_TABLE1 = {
-    "SD": {
-        "object": (83.33, 87.22, 91.60, 81.17, 80.63),
-        "ip": (88.33, 37.46, 30.13, 86.80, 86.75),
-        "celebrity": (90.90, 17.12, 17.94, 92.64, 93.24),
-    },
-    "ESD-x": {
-        "object": (3.33, 37.72, 39.92, 73.82, 69.89),
-        "ip": (3.33, 10.67, 7.73, 62.8, 71.16),
-        "celebrity": (1.81, 11.09, 10.76, 72.9, 68.37),
-    },
-    "CRCE": {
-        "object": (1.25, 12.81, 26.31, 85.20, 79.56),
-        "ip": (0.00, 6.27, 7.46, 78.80, 80.25),
-        "celebrity": (1.81, 2.04, 1.29, 87.35, 87.02),
-    },
-}
+PAPER_ORDER = tuple(PAPER_TABLE1)
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

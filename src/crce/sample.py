@@ -23,17 +23,34 @@ from tqdm import tqdm
 
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
-from .settings import GROUPS, SampleRuntime, SampleSettings
+from .settings import GROUPS, SampleRuntime, SampleSettings, derive_seed
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT = ".sampling.json"
+RECORD = "sampling.json"  # beside the manifest: model, delta, settings, the scheduler used
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+}
+
+
+def set_scheduler(pipe, name: str) -> dict:
+    """Swap in the sampler `name`, built from the model's own scheduler config (SD v1.4 ships
+    PNDM; the official code samples with DDIM); returns its class and config."""
+    if name != "model":
+        import diffusers
+
+        cls = getattr(diffusers, SCHEDULERS[name])
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    return {"class": type(pipe.scheduler).__name__, "config": config}
 
 
 def image_seed(base_seed: int, concept_id: str, prompt: str, image_index: int) -> int:
-    """One seed per (prompt, image index), independent of the method."""
-    digest = hashlib.sha256(f"{base_seed}:{concept_id}:{prompt}:{image_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    """One seed per (prompt, image index), independent of the method: paired images."""
+    return derive_seed("crce-image", base_seed, concept_id, prompt, image_index)
 
 
 def plan_images(split: Split, *, method: str, seed: int, images_per_prompt: int) -> pd.DataFrame:
@@ -71,7 +88,8 @@ def _file_sha256(path: str | Path | None) -> str | None:
 
 
 def _prepare_folder(folder: Path, fingerprint: dict) -> None:
-    marker = folder / FINGERPRINT
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples are lists)
+    marker = folder / RECORD
     if marker.exists() and json.loads(marker.read_text()) == fingerprint:
         return  # a retry of the same job: keep what was written
     if folder.exists():
@@ -160,10 +178,11 @@ def run(
             plan[["prompt", "seed", "path"]].to_json().encode()
         ).hexdigest(),
     }
-    _prepare_folder(folder, fingerprint)
     device = device_for(runtime.device)
     dtype = torch_dtype(settings.precision) if device.type == "cuda" else torch.float32
     pipe = load_erased_pipeline(model, delta, dtype=dtype, device=device)
+    fingerprint["scheduler"] = set_scheduler(pipe, settings.scheduler)
+    _prepare_folder(folder, fingerprint)
     stats = sample_images(
         pipe,
         plan,

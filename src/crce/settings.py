@@ -77,7 +77,7 @@ class SphereSettings(_Settings):
     """Neighbours e + r (v - e)/|v - e| of the stacked [uncond; cond] target embedding e,
     v ~ N(0, I), r ~ U[0, R], kept by cosine band (FACTS 2.7)."""
 
-    radius: float = 2.0
+    radius: float = 400.0
     # absolute: R = radius (the official code's 400, fitted to CLIP-L's norm);
     # relative: R = radius * |e| (one setting for any text space, e.g. the tiny and toy ones).
     radius_mode: Literal["absolute", "relative"] = "absolute"
@@ -136,7 +136,11 @@ class SettingsError(ValueError):
 def resolve_method(name: str, spec: dict, train: dict) -> TrainSettings:
     """A method's settings: `train.*` overridden by the method's own keys (label aside)."""
     merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS | {"group_methods"}}
-    merged.update({k: v for k, v in spec.items() if k != "label"})
+    for key, value in spec.items():
+        if key == "label":
+            continue
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if nested else value  # sphere: key by key
     unknown = sorted(set(merged) - set(TrainSettings.model_fields))
     if unknown:
         raise SettingsError(f"method {name!r}: unknown training key(s): {', '.join(unknown)}")
@@ -151,7 +155,10 @@ class ListSettings(_Settings):
     """Where a concept's lists come from and how the LLM is asked (coref_lists)."""
 
     curated_dir: str | None = None
-    corefconcept_dir: str | None = None
+    # The official CorefConcept dataset: a URL (its folder at a pinned commit) or a local
+    # folder, with the sha256 of each category's file; None asks the LLM for every concept.
+    dataset: str | None = None
+    dataset_sha256: dict[str, str] = {}
     model: str = "gpt-4o"
     temperature: float = 0.0
     seed: int | None = 0
@@ -183,6 +190,9 @@ class SampleSettings(_Settings):
     guidance: float = 7.5
     resolution: int = 512
     precision: Literal["float32", "float16", "bfloat16"] = "float16"
+    # The sampler, built with from_config of the model's own scheduler config: ddim (official
+    # code), pndm (what SD v1.4 ships), euler, dpmsolver, or model (keep the model's own).
+    scheduler: Literal["ddim", "pndm", "euler", "dpmsolver", "model"] = "ddim"
 
 
 class SampleRuntime(_Settings):

@@ -131,74 +131,89 @@ class Lists(Strategy):
 
 
 def sphere_neighbours(
-    embedding: torch.Tensor,
+    stack: torch.Tensor,
     n_corefs: int,
     n_retains: int,
     sphere: SphereSettings,
     generator: torch.Generator,
     max_draws: int = 10_000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RealEra-style neighbours e + r (v - e)/|v - e|, r ~ U[0, radius |e|], v - e a Gaussian
-    direction; kept as corefs when cos(e, n) is in [coref_cos_min, coref_cos_max], as retains
-    when cos(e, n) < retain_cos_max. The radius is relative to |e|, so one setting fits any
-    text encoder."""
-    flat = embedding.flatten().float()
-    norm = flat.norm()
-    corefs, retains = [], []
-    for _ in range(max_draws):
-        if len(corefs) >= n_corefs and len(retains) >= n_retains:
-            break
-        direction = torch.randn(flat.shape, generator=generator, dtype=torch.float32)
-        direction = direction / direction.norm()
-        radius = torch.rand((), generator=generator) * sphere.radius * norm
-        neighbour = flat + radius * direction
-        cos = torch.nn.functional.cosine_similarity(flat, neighbour, dim=0).item()
-        if sphere.coref_cos_min <= cos <= sphere.coref_cos_max and len(corefs) < n_corefs:
-            corefs.append(neighbour)
-        elif cos < sphere.retain_cos_max and len(retains) < n_retains:
-            retains.append(neighbour)
-    if len(corefs) < n_corefs or len(retains) < n_retains:
+    """Neighbours of a stacked [uncond; cond] embedding e, as the official code draws them
+    (FACTS 2.7): v ~ N(0, I) shaped like e, r ~ U[0, R], n = e + r (v - e)/|v - e|, kept as
+    a coref when cos(e, n) (flattened) is in [coref_cos_min, coref_cos_max], as a retain when
+    below retain_cos_max, by rejection: the corefs one by one, then the retains. R is
+    `radius` (absolute) or `radius * |e|` (relative). Returns [M, 2, L, D] and [N, 2, L, D]."""
+    e = stack.float()
+    limit = sphere.radius * (e.norm().item() if sphere.radius_mode == "relative" else 1.0)
+    draws = 0
+
+    def draw(accept) -> torch.Tensor:
+        nonlocal draws
+        while draws < max_draws:
+            draws += 1
+            v = torch.randn(e.shape, generator=generator)
+            r = torch.rand(1, generator=generator).item() * limit
+            direction = (v - e) / (v - e).norm()
+            neighbour = e + r * direction
+            cos = torch.nn.functional.cosine_similarity(e.flatten(), neighbour.flatten(), dim=0)
+            if accept(cos.item()):
+                return neighbour
         raise TrainingError(
-            f"sphere sampling found {len(corefs)}/{n_corefs} corefs and {len(retains)}/{n_retains} "
-            f"retains in {max_draws} draws; widen train.sphere.radius or the cosine bands"
+            f"sphere sampling found no neighbour in its cosine band within {max_draws} draws "
+            f"(radius {sphere.radius}, {sphere.radius_mode}); widen train.sphere.radius or the "
+            "bands (an absolute radius fits CLIP-L only: use radius_mode relative elsewhere)"
         )
-    shape = (-1, *embedding.shape)
-    as_batch = lambda items: torch.stack(items).reshape(shape).to(embedding.dtype)  # noqa: E731
-    return as_batch(corefs[:n_corefs]), as_batch(retains[:n_retains])
+
+    corefs = [
+        draw(lambda c: sphere.coref_cos_min <= c <= sphere.coref_cos_max) for _ in range(n_corefs)
+    ]
+    retains = [draw(lambda c: c < sphere.retain_cos_max) for _ in range(n_retains)]
+    empty = e.new_zeros((0, *e.shape))
+    stacked = lambda items: torch.stack(items).to(stack.dtype) if items else empty  # noqa: E731
+    return stacked(corefs), stacked(retains)
 
 
 class Sphere(Strategy):
-    """CRCE-Sphere and RealEra: neighbours sampled around the target's embedding each
-    iteration (drawn in sphere_neighbours' order), unit weights. RealEra alternates anchor
-    (ESD) iterations and neighbour iterations."""
+    """CRCE-Sphere (official `execute_ball_sampling`): M coref and N retain neighbours of the
+    target's [uncond; cond] embedding, redrawn every iteration (sphere_neighbours' order); the
+    ESD term every iteration; unit weights; terms averaged. At guidance 1 only a neighbour's
+    cond half reaches the prediction, so the cond half is its conditioning."""
 
-    alternate: ClassVar[bool] = False
+    reduce: ClassVar[str] = "mean"
+
+    def neighbours(self, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.settings
+        stack = torch.cat([self.prompts.uncond, self.prompts.target]).cpu()
+        corefs, retains = sphere_neighbours(stack, s.n_corefs, s.n_retains, s.sphere, generator)
+        return corefs[:, 1].to(self.device), retains[:, 1].to(self.device)
 
     def plan(self, iteration, generator):
-        s = self.settings
-        corefs, retains = sphere_neighbours(
-            self.prompts.target[0].cpu(), s.n_corefs, s.n_retains, s.sphere, generator
-        )
-        plan = Plan(
+        corefs, retains = self.neighbours(generator)
+        return Plan(
             True,
-            corefs.to(self.device),
+            corefs,
             torch.ones(len(corefs), device=self.device),
-            retains.to(self.device),
+            retains,
             torch.ones(len(retains), device=self.device),
-            coref_anchor=s.coref_anchor,
+            coref_anchor=self.settings.coref_anchor,
+            reduce=self.reduce,
         )
-        if self.alternate:
-            if iteration % 2 == 0:
-                empty, none = self._empty()
-                plan.corefs, plan.retains = empty, empty
-                plan.coref_weights = plan.retain_weights = none
-            else:
-                plan.esd_term = False
-        return plan
 
 
 class RealEra(Sphere):
-    alternate = True
+    """RealEra as the CRCE authors re-implemented it on ESD-x (official `execute_realera_
+    sampling`): odd iterations take the ESD term alone (`if i % 2:`), even ones the neighbour
+    terms alone, summed over the neighbours (no 1/M, 1/N)."""
+
+    reduce = "sum"
+
+    def plan(self, iteration, generator):
+        if iteration % 2:
+            empty, none = self._empty()
+            return Plan(True, empty, none, empty, none)
+        plan = super().plan(iteration, generator)
+        plan.esd_term = False
+        return plan
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

@@ -11,7 +11,15 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 
 from crce.concepts import SheetError, load_sheet
-from crce.settings import SettingsError, Study, jobs_import_from, untracked
+from crce.corefconcept import DatasetError, check_local_dataset, is_url
+from crce.paper import PAPER_TABLE2
+from crce.settings import (
+    TRAINER_VERSION,
+    SettingsError,
+    Study,
+    jobs_import_from,
+    untracked,
+)
 
 jobs_import_from(SRC)
 
@@ -28,9 +36,15 @@ try:
 except SettingsError as err:
     raise WorkflowError(f"bad config: {err}") from None
 
+CATEGORIES = sorted({c.category for c in CONCEPTS.values()})
+DATASET = STUDY.lists.dataset
+try:
+    check_local_dataset(DATASET, CONCEPTS.values())
+except DatasetError as err:
+    raise WorkflowError(str(err)) from None
+
 METHODS = config["methods"]
 TRAINED_METHODS = list(STUDY.trained)
-CATEGORIES = sorted({c.category for c in CONCEPTS.values()})
 
 
 wildcard_constraints:
@@ -47,6 +61,24 @@ def curated_lists(wildcards):
     curated_dir = STUDY.lists.curated_dir
     path = Path(curated_dir or "", f"{wildcards.concept}.json")
     return [str(path)] if curated_dir and path.is_file() else []
+
+
+def dataset_file(category):
+    """The CorefConcept file of a category: fetched by the `download` target when the dataset
+    is a URL, read in place from a local folder, none without a dataset."""
+    if not DATASET:
+        return []
+    if is_url(DATASET):
+        return [f"results/corefconcept/{category}.json"]
+    return [str(Path(DATASET, f"{category}.json"))]
+
+
+def concept_dataset_file(wildcards):
+    return dataset_file(CONCEPTS[wildcards.concept].category)
+
+
+def all_dataset_files():
+    return [f for category in CATEGORIES for f in dataset_file(category)]
 
 
 def base_model(wildcards=None):
@@ -108,7 +140,11 @@ def all_judgments():
 
 
 def all_clip_distances():
-    return expand("results/clip_distances/{concept}.csv", concept=CONCEPTS)
+    """Table 2 for every concept, and beside the paper's for the concepts it printed (dog)."""
+    versus = [c.id for c in CONCEPTS.values() if c.text.casefold() in PAPER_TABLE2]
+    return expand("results/clip_distances/{concept}.csv", concept=CONCEPTS) + expand(
+        "results/table2_vs_paper/{concept}.csv", concept=versus
+    )
 
 
 def all_figures():

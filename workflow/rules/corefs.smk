@@ -3,7 +3,8 @@
 
 rule coref_lists:
     input:
-        curated_lists,
+        curated=curated_lists,
+        dataset=concept_dataset_file,
     output:
         "results/corefs/{concept}.json",
     log:

@@ -1,8 +1,8 @@
-# Weights for clusters whose compute nodes have no internet: run `snakemake download` on the
-# login node; it fills the shared Hugging Face cache (HF_HOME) that compute jobs read offline.
+# What compute nodes without internet need, fetched on the login node (`snakemake download`):
+# model weights into the shared Hugging Face cache (HF_HOME), and the CorefConcept files.
 
 
-rule download:
+rule download_models:
     output:
         touch("results/.downloaded"),
     log:
@@ -14,3 +14,18 @@ rule download:
         repos=download_repos(),
     script:
         "../scripts/download.py"
+
+
+rule corefconcept_file:
+    output:
+        "results/corefconcept/{category}.json",
+    log:
+        "logs/corefconcept/{category}.log",
+    localrule: True
+    conda:
+        "../../envs/llm.yaml"
+    params:
+        source=DATASET,
+        sha256=lambda wildcards: STUDY.lists.dataset_sha256.get(wildcards.category),
+    script:
+        "../scripts/corefconcept_file.py"

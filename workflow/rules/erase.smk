@@ -21,6 +21,8 @@ rule erase:
         settings=erase_settings,
         model=STUDY.model,
         seed=STUDY.seed,
+        # A new trainer version reruns training even with an unchanged config.
+        trainer_version=TRAINER_VERSION,
         runtime=untracked(STUDY.train_runtime),
         # Not an output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir="results/.checkpoints/{method}/{concept}",

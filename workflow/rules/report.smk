@@ -66,3 +66,19 @@ rule clip_distances:
         model=STUDY.model,
     script:
         "../scripts/clip_distances.py"
+
+
+rule table2_vs_paper:
+    input:
+        "results/clip_distances/{concept}.csv",
+    output:
+        report("results/table2_vs_paper/{concept}.csv", category="Text-space distances"),
+    log:
+        "logs/table2_vs_paper/{concept}.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        paper_concept=lambda wildcards: CONCEPTS[wildcards.concept].text.casefold(),
+    script:
+        "../scripts/table2_vs_paper.py"

@@ -11,4 +11,5 @@ with job_log(snakemake.log[0]):
         LlmRuntime(**vars(p.runtime)),
         snakemake.output[0],
         server_log=p.server_log,
+        dataset_file=next(iter(snakemake.input.dataset), None),
     )

@@ -8,6 +8,7 @@ with job_log(snakemake.log[0]):
         methods=p.settings,
         model=p.model,
         seed=p.seed,
+        trainer_version=p.trainer_version,
         runtime=vars(p.runtime),
         split_path=snakemake.input.split,
         outputs={snakemake.wildcards.method: snakemake.output.delta},

@@ -6,21 +6,12 @@ and the saved deltas are exactly those of the real model.
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 
 
 def clip_text_encoder(
@@ -51,22 +42,30 @@ def clip_text_encoder(
     )
 
 
-def save_pipeline(output: str | Path, *, vae, text_encoder, tokenizer, unet) -> Path:
-    """Assemble a StableDiffusionPipeline (DDIM scheduler, no safety checker) and save it."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+# SD v1.4's own scheduler config, verbatim (a PNDMScheduler): every small world saves it, so
+# the code that picks the sampling and training schedulers meets what the real model ships.
+SD14_SCHEDULER_CONFIG = Path(__file__).with_name("sd14_scheduler_config.json")
 
+
+def save_pipeline(output: str | Path, *, vae, text_encoder, tokenizer, unet) -> Path:
+    """Assemble a StableDiffusionPipeline (SD v1.4's scheduler, no safety checker), save it."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    config = json.loads(SD14_SCHEDULER_CONFIG.read_text())
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER),
+        scheduler=PNDMScheduler.from_config(config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     output = Path(output)
     pipe.save_pretrained(output, safe_serialization=True)
+    # save_pretrained writes diffusers' fuller form; keep SD v1.4's file as it is published.
+    shutil.copyfile(SD14_SCHEDULER_CONFIG, output / "scheduler" / "scheduler_config.json")
     return output
 
 

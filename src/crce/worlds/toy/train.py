@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tiny import SCHEDULER, clip_text_encoder, save_pipeline, vae_model
+from ..tiny import SD14_SCHEDULER_CONFIG, clip_text_encoder, save_pipeline, vae_model
 from ..tokenizer import build_tokenizer
 from .classifier import ShapeClassifier, augment, save_classifier
 from .world import dataset, ontology, shapes, vocabulary
@@ -124,9 +124,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, l
 
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    noise_scheduler = DDPMScheduler(
-        **{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}
-    )
+    noise_scheduler = DDPMScheduler.from_config(json.loads(SD14_SCHEDULER_CONFIG.read_text()))
     params = list(unet.parameters())  # the text encoder stays frozen (ontology text_space)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 100))
