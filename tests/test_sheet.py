@@ -73,3 +73,40 @@ def test_missing_column(tmp_path):
     path.write_text("name\tcategory\ncat\tobject\n")
     with pytest.raises(SheetError, match="missing column"):
         load_sheet(path)
+
+
+def test_a_sheet_saved_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "excel.tsv"
+    path.write_bytes("concept\tcategory\ncat\tobject\n".encode("utf-8-sig"))
+    assert [c.text for c in load_sheet(path)] == ["cat"]
+
+
+def test_a_comma_separated_sheet_is_named_as_such(tmp_path):
+    path = tmp_path / "sheet.csv"
+    path.write_text("concept,category\ncat,object\n")
+    with pytest.raises(
+        SheetError, match=r"must be tab-separated \(this one looks comma-separated\)"
+    ):
+        load_sheet(path)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"corefs": [{"text": "kitty", "certainty": "High"}', "not valid JSON"),
+        ('["kitty"]', "expected a JSON object"),
+        (
+            '{"corefs": [{"text": "kitty", "certainty": "Sure"}], "retains": []}',
+            "corefs.0.certainty",
+        ),
+    ],
+)
+def test_a_malformed_curated_list_names_the_file_and_the_concept(tmp_path, content, problem):
+    from crce.concepts import Concept
+    from crce.corefs import ListsError, curated_lists
+
+    path = tmp_path / "cat.json"
+    path.write_text(content)
+    with pytest.raises(ListsError) as err:
+        curated_lists(path, Concept(id="cat", text="cat", category="object"))
+    assert str(path) in str(err.value) and "'cat'" in str(err.value) and problem in str(err.value)

@@ -35,10 +35,15 @@ def load_sheet(path: str | Path) -> list[Concept]:
     path = Path(path)
     if not path.is_file():
         raise SheetError(f"{path}: concept sheet not found")
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a sheet saved by Excel starts with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         fields = reader.fieldnames or []
         missing = [c for c in ("concept", "category") if c not in fields]
+        if missing and len(fields) == 1 and "," in fields[0]:
+            raise SheetError(
+                f"{path}: the sheet must be tab-separated (this one looks comma-separated)"
+            )
         if missing:
             raise SheetError(f"{path}: missing column(s) {', '.join(missing)} in the header")
         unknown = [c for c in fields if c not in ("concept", "category", "id")]

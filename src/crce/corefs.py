@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .concepts import Concept
 from .corefconcept import find_entry, import_entry
 from .lists import ConceptLists, Provenance, Warning_, write_model
@@ -20,7 +22,13 @@ log = logging.getLogger(__name__)
 
 def curated_lists(path: Path, concept: Concept) -> ConceptLists:
     """A hand-refined list file; data as written, with warnings for irregularities."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    where = f"curated list {path} of {concept.text!r}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ListsError(f"{where}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ListsError(f"{where}: expected a JSON object with corefs and retains")
     data.setdefault("concept", concept.text)
     data["id"], data["category"] = concept.id, concept.category
     warnings = [
@@ -39,7 +47,17 @@ def curated_lists(path: Path, concept: Concept) -> ConceptLists:
         prompt_version=provenance.get("prompt_version"),
         warnings=[*provenance.get("warnings", []), *warnings],
     ).model_dump()
-    return ConceptLists.model_validate(data)
+    try:
+        return ConceptLists.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ListsError(f"{where}: {problems}") from None
+
+
+class ListsError(ValueError):
+    """A curated list file that cannot be read; the message names the file and concept."""
 
 
 def build_lists(
