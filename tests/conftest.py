@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import FAKE_SERVER, make_cat_split, make_workdir
+from helpers import FAKE_SERVER, REPO, FinishedWorld, make_cat_split, make_workdir, snakemake
 
 # Two cores: pin torch threads so model tests run one at a time without oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -49,3 +49,17 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cat_split():
     return make_cat_split()
+
+
+@pytest.fixture(scope="session")
+def test_world(tmp_path_factory) -> FinishedWorld:
+    """The tiny test world run to completion once (`all`: Table 1, figures, distances) and
+    shared by every end-to-end test: they plan against it (`snakemake -n`) or read it, and
+    what they add goes beside it, so each sees it as finished."""
+    work = make_workdir(tmp_path_factory.mktemp("world"))
+    sheet = work / "sheet.tsv"
+    sheet.write_text((REPO / "tests" / "data" / "concepts.tsv").read_text())
+    world = FinishedWorld(work, sheet)
+    result = snakemake(work, "all", *world.args())
+    assert result.returncode == 0, result.stdout[-5000:]
+    return world

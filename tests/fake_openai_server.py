@@ -93,6 +93,10 @@ def make_handler(state: State):
         def do_GET(self):
             if self.path in ("/health", "/v1/health"):
                 return self._send(200, {})
+            if self.path == "/stats":  # what the tests count: requests answered or refused
+                with state.lock:
+                    counts = {"list": state.list_requests, "judge": state.judge_requests}
+                return self._send(200, counts)
             if self.path == "/v1/models":
                 return self._send(
                     200, {"object": "list", "data": [{"id": state.model, "object": "model"}]}

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -65,3 +68,26 @@ def planned(output: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     return counts
+
+
+@dataclass
+class FinishedWorld:
+    """A finished run of the tiny test world (the session fixture `test_world`)."""
+
+    work: Path
+    sheet: Path
+
+    def args(self, sheet: Path | None = None, **overlay) -> list[str]:
+        """Snakemake arguments for this world, with `overlay` deep-merged over the config."""
+        files = ["config/test.yaml"]
+        if overlay:
+            extra = self.work / f"overlay-{abs(hash(repr(sorted(overlay.items()))))}.yaml"
+            extra.write_text(yaml.safe_dump(overlay))
+            files.append(str(extra))
+        return ["--configfile", *files, "--config", f"concepts={sheet or self.sheet}"]
+
+    def plan(self, target: str = "all", sheet: Path | None = None, **overlay) -> dict[str, int]:
+        """Jobs per rule a dry run plans (empty when there is nothing to be done)."""
+        result = snakemake(self.work, "-n", target, *self.args(sheet, **overlay))
+        assert result.returncode == 0, result.stdout[-3000:]
+        return {} if "Nothing to be done" in result.stdout else planned(result.stdout)

@@ -1,5 +1,6 @@
 import json
 
+import httpx2
 import pytest
 
 from crce.concepts import Concept
@@ -11,6 +12,11 @@ CAT = Concept(id="bat-animal", text="bat (animal)", category="object")
 
 
 SETTINGS = ListSettings(model="fake")
+
+
+def requests_seen(server) -> int:
+    """List requests the fake server received (its /stats)."""
+    return httpx2.get(server.base_url.removesuffix("/v1") + "/stats").json()["list"]
 
 
 def runtime(**kw):
@@ -32,7 +38,7 @@ def test_good_lists(fake_server):
 def test_rule_violations_are_re_asked(fake_server, bad):
     server = fake_server([bad, "good"])
     lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
-    assert lists.provenance.attempts == 2
+    assert lists.provenance.attempts == 2 and requests_seen(server) == 2
     assert not violations(parse_answer(lists.provenance.raw_response), CAT.text)
 
 
@@ -46,20 +52,22 @@ def test_fenced_json_is_accepted(fake_server):
 def test_transient_errors_are_retried(fake_server, transient):
     server = fake_server([transient, transient, "good"])
     lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
-    assert lists.provenance.attempts == 1
+    assert lists.provenance.attempts == 1  # transport retries are not re-asks...
+    assert requests_seen(server) == 3  # ...but each was a request
 
 
 def test_slow_answer_times_out_then_retries(fake_server, monkeypatch):
     monkeypatch.setenv("FAKE_SLOW_SECONDS", "3")
     server = fake_server(["slow", "good"])
     lists = generate_lists(CAT, SETTINGS, runtime(timeout=1.0), server.base_url)
-    assert len(lists.corefs) == 15
+    assert len(lists.corefs) == 15 and requests_seen(server) == 2
 
 
 def test_bounded_attempts_then_clear_error(fake_server):
     server = fake_server(["short"] * 5)
     with pytest.raises(LLMError, match=r"bat \(animal\).*no valid answer after 2 attempts.*corefs"):
         generate_lists(CAT, SETTINGS, runtime(max_attempts=2), server.base_url)
+    assert requests_seen(server) == 2
 
 
 def test_unreachable_llm_names_the_concept():

@@ -1,30 +1,19 @@
-"""The tiny test world end to end through Snakemake, on CPU (the same rules as the study)."""
-
-import shutil
+"""The tiny test world end to end through Snakemake, on CPU (the same rules as the study):
+its outputs, and what a rerun plans after a change. Every test shares one finished run."""
 
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO, make_workdir, planned, snakemake
+from helpers import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+TRAINED = [m for m, spec in CONFIG["methods"].items() if spec["strategy"] != "none"]
+AGGREGATES = {"metrics": 1, "category_figure": 3, "all": 1}  # 3 categories in the test sheet
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A workdir where `table1` ran to completion on the test world."""
-    work = make_workdir(tmp_path_factory.mktemp("pipeline"))
-    sheet = work / "sheet.tsv"
-    shutil.copy(REPO / "tests" / "data" / "concepts.tsv", sheet)
-    args = ["--configfile=config/test.yaml", "--config", f"concepts={sheet}"]
-    result = snakemake(work, "table1", *args)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return work, sheet, args
-
-
-def test_table1_has_one_row_per_method_in_the_papers_layout(finished):
-    work, _, _ = finished
+def test_table1_has_one_row_per_method_in_the_papers_layout(test_world):
+    work = test_world.work
     table = pd.read_csv(work / "results" / "table1.csv")
     labels = [spec["label"] for spec in CONFIG["methods"].values()]
     assert list(table["method"]) == ["SD", "ESD-x", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE"]
@@ -33,42 +22,48 @@ def test_table1_has_one_row_per_method_in_the_papers_layout(finished):
     expected = ["method"] + [f"{c}/{m}" for c in ("object", "ip", "celebrity") for m in metrics]
     assert list(table.columns) == expected
     assert table.drop(columns="method").stack().between(0, 100).all()
-    assert (work / "results" / "table1.md").exists() and (
-        work / "results" / "table1_vs_paper.csv"
-    ).exists()
+    assert (work / "results" / "table1.md").exists()
+    paper = pd.read_csv(work / "results" / "table1_vs_paper.csv")
+    assert set(paper["method"]) == set(labels) - {"MACE"}  # all seven paper rows we have
     long = pd.read_parquet(work / "results" / "metrics.parquet")
-    assert {
-        "method",
-        "concept",
-        "category",
-        "group",
-        "n",
-        "accuracy",
-        "ci_low",
-        "ci_high",
-        "mean_p_yes",
-    } <= set(long.columns)
+    columns = {"method", "concept", "category", "group", "n", "accuracy", "ci_low", "ci_high"}
+    assert columns | {"mean_p_yes"} <= set(long.columns)
     assert len(list((work / "results" / "figures" / "grids").glob("*.png"))) == 4
 
 
-def test_manifest_seeds_are_identical_across_methods(finished):
-    work, _, _ = finished
+def test_manifest_seeds_are_identical_across_methods(test_world):
+    images = test_world.work / "results" / "images"
     seeds = {
-        m: list(
-            pd.read_parquet(work / "results" / "images" / m / "cat" / "manifest.parquet")["seed"]
-        )
+        m: list(pd.read_parquet(images / m / "cat" / "manifest.parquet")["seed"])
         for m in CONFIG["methods"]
     }
     assert all(s == seeds["sd"] for s in seeds.values())
 
 
-def test_adding_a_row_plans_only_that_concepts_jobs_plus_aggregates(finished):
-    work, sheet, args = finished
-    assert "Nothing to be done" in snakemake(work, "-n", "table1", *args).stdout
-    extended = work / "sheet2.tsv"
-    extended.write_text(sheet.read_text() + "dog\tobject\n")
-    args = ["--configfile=config/test.yaml", "--config", f"concepts={extended}"]
-    counts = planned(snakemake(work, "-n", "table1", *args).stdout)
+def test_training_noise_is_paired_across_methods(test_world):
+    """Every method of a concept trained on the same DDIM indices (and x_T) at each iteration."""
+    import json
+
+    models = test_world.work / "results" / "models"
+    indices = {
+        m: [h["ddim_index"] for h in json.loads((models / m / "cat" / "train.json").read_text())["history"]]
+        for m in TRAINED
+    }  # fmt: skip
+    assert len({tuple(v) for v in indices.values()}) == 1, indices
+
+
+def test_text_distances_obey_the_unit_vector_identity(test_world):
+    """The pipeline's own Table 2 output: Euclidean = sqrt(2 - 2 cos) on every row."""
+    for path in (test_world.work / "results" / "clip_distances").glob("*.csv"):
+        table = pd.read_csv(path)
+        assert ((table["euclidean"] - (2 - 2 * table["cosine"]) ** 0.5).abs() < 1e-4).all()
+
+
+def test_adding_a_row_plans_only_that_concept(test_world):
+    """Only the new concept's jobs and the aggregates; existing outputs stay untouched."""
+    assert test_world.plan() == {}
+    extended = test_world.work / "sheet-plus-dog.tsv"
+    extended.write_text(test_world.sheet.read_text() + "dog\tobject\n")
     per_concept = {
         "coref_lists": 1,
         "split": 1,
@@ -76,22 +71,74 @@ def test_adding_a_row_plans_only_that_concepts_jobs_plus_aggregates(finished):
         "sample": 6,
         "judge": 1,
         "concept_figure": 1,
+        "clip_distances": 1,
+        "table2_vs_paper": 1,  # dog: the paper printed its Table 2
     }
-    aggregates = {"metrics": 1, "category_figure": 3, "table1": 1}  # bars read metrics.parquet
-    assert counts == {**per_concept, **aggregates, "total": 20}
-
-
-def test_images_target_plans_no_judging(tmp_path):
-    work = make_workdir(tmp_path)
-    counts = planned(snakemake(work, "-n", "images", "--configfile=config/test.yaml").stdout)
-    assert counts["sample"] == 24 and counts["erase"] == 20
-    assert not {"judge", "metrics", "concept_figure", "category_figure"} & set(counts)
-
-
-def test_report_shows_tables_and_figures(finished):
-    work, _, args = finished
-    result = snakemake(work, "--report", "report.html", "table1", *args)
+    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 22}
+    splits = test_world.work / "results" / "splits"
+    before = {p.name: p.stat().st_mtime_ns for p in splits.glob("*.json")}
+    result = snakemake(test_world.work, "splits", *test_world.args(sheet=extended))
     assert result.returncode == 0, result.stdout[-3000:]
-    html = (work / "report.html").read_text(errors="replace")
+    after = {p.name: p.stat().st_mtime_ns for p in splits.glob("*.json")}
+    assert set(after) - set(before) == {"dog.json"}
+    assert all(after[name] == mtime for name, mtime in before.items())
+
+
+# -- what a changed setting reruns (every count fails if a setting is not its rule's param) --
+def test_a_new_learning_rate_retrains_every_method_and_nothing_upstream(test_world):
+    plan = test_world.plan(train={"lr": 5e-3})
+    assert plan == {
+        "erase": 20,
+        "sample": 20,  # every trained method's images; SD's stay
+        "judge": 4,
+        "concept_figure": 4,
+        **AGGREGATES,
+        "total": 53,
+    }
+
+
+def test_new_sampling_steps_resample_and_rejudge_without_retraining(test_world):
+    plan = test_world.plan(sample={"steps": 4})
+    assert plan == {"sample": 24, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 37}
+
+
+def test_a_new_judge_prompt_rejudges_only(test_world):
+    prompt = "Does the image show <X>? Answer yes or no."
+    assert test_world.plan(judge={"prompt": prompt}) == {"judge": 4, **AGGREGATES, "total": 9}
+
+
+def test_a_new_split_size_resplits_without_new_lists(test_world):
+    plan = test_world.plan(split={"n_train": 9})
+    assert "coref_lists" not in plan
+    assert plan["split"] == 4 and plan["erase"] == 20 and plan["sample"] == 24
+    assert plan["clip_distances"] == 4 and plan["judge"] == 4
+
+
+def test_one_methods_override_reruns_that_method_only(test_world):
+    plan = test_world.plan(methods={"crce": {"lr": 5e-3}})
+    assert plan == {
+        "erase": 4,  # crce's, one per concept
+        "sample": 4,
+        "judge": 4,  # a concept's judge job judges all its methods (from its cache)
+        "concept_figure": 4,
+        **AGGREGATES,
+        "total": 21,
+    }
+
+
+def test_settings_that_change_no_result_rerun_nothing(test_world):
+    untracked = {
+        "train": {"checkpoint_every": 3, "device": "cpu", "compile": False},
+        "sample": {"batch_size": 7, "device": "cpu"},
+        "judge": {"concurrency": 3, "timeout": 30, "max_retries": 2, "startup_timeout": 99},
+        "llm": {"timeout": 30, "max_attempts": 5, "max_retries": 3, "retry_wait_max": 2},
+    }
+    assert test_world.plan(**untracked) == {}
+
+
+def test_report_shows_tables_and_figures(test_world):
+    result = snakemake(test_world.work, "--report", "report.html", "table1", *test_world.args())
+    assert result.returncode == 0, result.stdout[-3000:]
+    html = (test_world.work / "report.html").read_text(errors="replace")
     assert "table1.csv" in html and "table1_vs_paper.csv" in html
     assert "grids" in html or "Image grids" in html

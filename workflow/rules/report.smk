@@ -6,9 +6,15 @@ rule metrics:
         all_judgments(),
     output:
         metrics="results/metrics.parquet",
-        table=report("results/table1.csv", category="Table 1"),
+        table=report(
+            "results/table1.csv", caption="../report/table1.rst", category="Table 1"
+        ),
         markdown="results/table1.md",
-        paper=report("results/table1_vs_paper.csv", category="Table 1"),
+        paper=report(
+            "results/table1_vs_paper.csv",
+            caption="../report/table1_vs_paper.rst",
+            category="Table 1",
+        ),
     log:
         "logs/metrics.log",
     localrule: True
@@ -24,7 +30,11 @@ rule concept_figure:
     input:
         concept_manifests,
     output:
-        report("results/figures/grids/{concept}.png", category="Image grids"),
+        report(
+            "results/figures/grids/{concept}.png",
+            caption="../report/grids.rst",
+            category="Image grids",
+        ),
     log:
         "logs/figures/grids/{concept}.log",
     localrule: True
@@ -40,7 +50,11 @@ rule category_figure:
     input:
         "results/metrics.parquet",
     output:
-        report("results/figures/bars/{category}.png", category="Bar charts"),
+        report(
+            "results/figures/bars/{category}.png",
+            caption="../report/bars.rst",
+            category="Bar charts",
+        ),
     log:
         "logs/figures/bars/{category}.log",
     localrule: True
@@ -57,7 +71,11 @@ rule clip_distances:
         split="results/splits/{concept}.json",
         model=base_model,
     output:
-        report("results/clip_distances/{concept}.csv", category="Text-space distances"),
+        report(
+            "results/clip_distances/{concept}.csv",
+            caption="../report/distances.rst",
+            category="Text-space distances",
+        ),
     log:
         "logs/clip_distances/{concept}.log",
     conda:
@@ -72,7 +90,11 @@ rule table2_vs_paper:
     input:
         "results/clip_distances/{concept}.csv",
     output:
-        report("results/table2_vs_paper/{concept}.csv", category="Text-space distances"),
+        report(
+            "results/table2_vs_paper/{concept}.csv",
+            caption="../report/table2_vs_paper.rst",
+            category="Text-space distances",
+        ),
     log:
         "logs/table2_vs_paper/{concept}.log",
     localrule: True
