@@ -9,11 +9,11 @@ WORLD ?= config/demo.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # the CPU wheel; any other torch pulls a CUDA build
-	$(PY) -m pip install -q -e ".[model,report,workflow,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[model,report,workflow,dev]"
 	touch $@
 
 demo: setup

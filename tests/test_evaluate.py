@@ -309,7 +309,7 @@ def test_table2_distances_are_on_normalised_embeddings(tiny_model, cat_split, tm
 
 
 def test_table2_beside_the_papers_rows():
-    from crce.clip import versus_paper
+    from crce.metrics import table2_versus_paper
     from crce.paper import PAPER_TABLE2
 
     ours = pd.DataFrame(
@@ -318,7 +318,7 @@ def test_table2_beside_the_papers_rows():
             {"group": "retain_train", "text": "bush dog", "cosine": 0.4, "euclidean": 1.1},
         ]
     )
-    table = versus_paper(ours, "dog").set_index("text")
+    table = table2_versus_paper(ours, "dog").set_index("text")
     assert len(table) == 31  # the paper's 30 rows and our one extra
     assert table.loc["pooch", "paper_cosine"] == 0.9166 and table.loc["pooch", "cosine"] == 0.5
     assert math.isnan(table.loc["cat", "cosine"]) and table.loc["cat", "kind"] == "retain"

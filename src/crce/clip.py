@@ -11,15 +11,11 @@ equals sqrt(2 - 2 cos) on every row). Two embeddings, two pairs of columns:
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pandas as pd
 import torch
 
 from .lists import Split
 from .modeling import load_pipeline
-from .paper import PAPER_TABLE2
 from .settings import GROUPS
 
 
@@ -66,40 +62,8 @@ def text_distances(pipe, split: Split) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def versus_paper(distances: pd.DataFrame, concept: str) -> pd.DataFrame:
-    """Our Table 2 beside the paper's, item by item (an item only one side has: NaN)."""
-    paper = PAPER_TABLE2[concept]
-    ours = {r.text: r for r in distances.itertuples()}
-    rows = []
-    for kind, items in paper.items():
-        for text, (cos, euc) in items.items():
-            row = ours.get(text)
-            rows.append(
-                {
-                    "kind": kind,
-                    "text": text,
-                    "cosine": row.cosine if row else math.nan,
-                    "paper_cosine": cos,
-                    "euclidean": row.euclidean if row else math.nan,
-                    "paper_euclidean": euc,
-                }
-            )
-    for text, row in ours.items():
-        kind = row.group.split("_")[0]
-        if text not in paper["coref"] and text not in paper["retain"]:
-            rows.append({"kind": kind, "text": text, "cosine": row.cosine, "paper_cosine": math.nan,
-                         "euclidean": row.euclidean, "paper_euclidean": math.nan})  # fmt: skip
-    return pd.DataFrame(rows)
-
-
 def run(*, split_path: str, pretrained: str, output: str) -> None:
     from .lists import read_split
 
     pipe = load_pipeline(pretrained)
     text_distances(pipe, read_split(split_path)).to_csv(output, index=False, float_format="%.6g")
-
-
-def run_versus_paper(*, distances: str, concept: str, output: str) -> None:
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    table = versus_paper(pd.read_csv(distances), concept)
-    table.to_csv(output, index=False, float_format="%.4f")

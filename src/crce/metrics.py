@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paper import PAPER_TABLE1
+from .paper import PAPER_TABLE1, PAPER_TABLE2
 from .settings import CATEGORIES
 
 METRICS = {
@@ -135,3 +135,35 @@ def run(
     table.to_csv(table_out, index=False, float_format="%.2f")
     Path(markdown_out).write_text(markdown(table))
     versus_paper(table).to_csv(paper_out, index=False, float_format="%.2f")
+
+
+def table2_versus_paper(distances: pd.DataFrame, concept: str) -> pd.DataFrame:
+    """Our Table 2 beside the paper's, item by item (an item only one side has: NaN)."""
+    paper = PAPER_TABLE2[concept]
+    ours = {r.text: r for r in distances.itertuples()}
+    rows = []
+    for kind, items in paper.items():
+        for text, (cos, euc) in items.items():
+            row = ours.get(text)
+            rows.append(
+                {
+                    "kind": kind,
+                    "text": text,
+                    "cosine": row.cosine if row else math.nan,
+                    "paper_cosine": cos,
+                    "euclidean": row.euclidean if row else math.nan,
+                    "paper_euclidean": euc,
+                }
+            )
+    for text, row in ours.items():
+        kind = row.group.split("_")[0]
+        if text not in paper["coref"] and text not in paper["retain"]:
+            rows.append({"kind": kind, "text": text, "cosine": row.cosine, "paper_cosine": math.nan,
+                         "euclidean": row.euclidean, "paper_euclidean": math.nan})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_table2_versus_paper(*, distances: str, concept: str, output: str) -> None:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    table = table2_versus_paper(pd.read_csv(distances), concept)
+    table.to_csv(output, index=False, float_format="%.4f")
