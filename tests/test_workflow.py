@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -267,3 +268,26 @@ def test_every_report_item_has_a_caption():
         caption = re.search(r'caption="([^"]+)"', item)
         assert caption, item
         assert (REPO / "workflow" / "rules" / caption.group(1)).resolve().is_file(), caption
+
+
+@pytest.mark.slow
+def test_a_job_runs_the_checkouts_code_not_an_installed_copy(tmp_path):
+    """Envs carry no copy of crce: an edit to src/crce reaches the next job as it is, with no
+    env to rebuild (here the venv's editable install points at another tree)."""
+    from helpers import make_workdir
+
+    work = make_workdir(tmp_path)
+    (work / "src").unlink()
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    logs = work / "src" / "crce" / "logs.py"
+    text = logs.read_text()
+    marker = "    try:\n        yield logger"
+    assert marker in text
+    logs.write_text(text.replace(marker, '    logger.info("edited in the checkout")\n' + marker))
+    sheet = tmp_path / "one.tsv"
+    sheet.write_text("concept\tcategory\ncat\tobject\n")
+    args = ["--configfile", "config/test.yaml", "--config", f"concepts={sheet}"]
+    result = snakemake(work, "results/splits/cat.json", *args)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for log in ("corefs/cat.log", "splits/cat.log"):
+        assert "edited in the checkout" in (work / "logs" / log).read_text(), log
