@@ -1,14 +1,17 @@
 """The test world through a real SLURM scheduler (`tests/slurm_cluster.sh start` first).
 
-Every non-local job must go through sbatch, GPU jobs must get CUDA_VISIBLE_DEVICES, a failed
-GPU job must be retried and resume from its checkpoint, and the table must equal the local
-run's. In CI (CI=true) a cluster that is not up is a failure, not a skip.
+Every non-local job must go through sbatch, GPU jobs must get CUDA_VISIBLE_DEVICES, an erase
+job cancelled by the scheduler (`scancel`, as a preemption) once its first checkpoint exists
+must be retried and resume from it, and the table must equal the local run's. In CI (CI=true)
+a cluster that is not up is a failure, not a skip.
 """
 
 import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 from helpers import REPO, make_workdir, snakemake
@@ -34,11 +37,42 @@ def cluster():
         pytest.skip(message)
 
 
+# Long enough training that a job is still running when its first checkpoint appears.
+SLOW_TRAINING = "train:\n  iterations: 30\n  checkpoint_every: 2\n"
+
+
 def run(work, *args, env=None):
     sheet = work / "sheet.tsv"
     sheet.write_text(TWO_CONCEPTS)
-    base = ["results/table1.csv", "--configfile=config/test.yaml", "--config", f"concepts={sheet}"]
-    return snakemake(work, *base, *args, env=env)
+    overlay = work / "slow-training.yaml"
+    overlay.write_text(SLOW_TRAINING)
+    base = ["results/table1.csv", "--configfile", "config/test.yaml", str(overlay)]
+    return snakemake(work, *base, "--config", f"concepts={sheet}", *args, env=env)
+
+
+class Preempter(threading.Thread):
+    """Cancels each erase job once, through the scheduler, as soon as its first checkpoint
+    exists: what a preemption does to a job on a real cluster."""
+
+    def __init__(self, work):
+        super().__init__(daemon=True)
+        self.work, self.cancelled, self.stop = work, set(), threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            for checkpoint in (self.work / "results" / ".checkpoints").glob("*/*/checkpoint.pt"):
+                method, concept = checkpoint.parent.parent.name, checkpoint.parent.name
+                if (method, concept) not in self.cancelled:
+                    self.cancel(method, concept)
+            time.sleep(0.2)
+
+    def cancel(self, method, concept):
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True)
+        for line in queue.stdout.splitlines():
+            job, _, comment = line.partition(" ")
+            if comment.startswith("rule_erase") and method in comment and concept in comment:
+                subprocess.run(["scancel", job], check=True)
+                self.cancelled.add((method, concept))
 
 
 def test_table1_through_slurm_equals_the_local_run(cluster, tmp_path, monkeypatch):
@@ -51,7 +85,8 @@ def test_table1_through_slurm_equals_the_local_run(cluster, tmp_path, monkeypatc
     small = "mem_mb=1500 cpus_per_task=1"
     set_resources = [f"{rule}:{kv}" for rule in ("base_model", "coref_lists", "erase", "sample", "judge")
                      for kv in small.split()]  # fmt: skip
-    env = {**os.environ, "CRCE_FAULT_AT_ITERATION": "2"}  # every erase job fails once, mid-run
+    preempter = Preempter(work)
+    preempter.start()
     result = run(
         work,
         "--profile", "slurm",
@@ -63,9 +98,10 @@ def test_table1_through_slurm_equals_the_local_run(cluster, tmp_path, monkeypatc
         "--default-resources", "slurm_partition=debug", "mem_mb=1000", "cpus_per_task=1", "runtime=30",
         "--set-resources", *set_resources,
         "--jobs", "4",
-        env=env,
     )  # fmt: skip
+    preempter.stop.set()
     assert result.returncode == 0, result.stdout[-6000:]
+    assert len(preempter.cancelled) == 10, preempter.cancelled  # 5 methods x 2 concepts
     assert (work / "results" / "table1.csv").read_text() == (
         local / "results" / "table1.csv"
     ).read_text()
@@ -88,4 +124,4 @@ def test_table1_through_slurm_equals_the_local_run(cluster, tmp_path, monkeypatc
         if {"corefs", "erase", "sample", "judge"} & set(log.parts):
             assert job.group(2) != "-", f"{log}: a GPU job without CUDA_VISIBLE_DEVICES"
     for log in (work / "logs" / "erase").rglob("*.log"):
-        assert "resuming from" in log.read_text() and "at iteration 2" in log.read_text(), log
+        assert re.search(r"resuming from \S+ at iteration \d+", log.read_text()), log
