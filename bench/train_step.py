@@ -1,17 +1,25 @@
-"""Iteration time and peak memory: the trainer vs the naive reference (official-code pattern).
+"""Iteration time and peak memory: the trainer vs the official code's pattern (the naive
+reference in tests/: two UNets, one batch-2 call per prediction, fp32).
 
-    python bench/train_step.py --model tiny --device cpu          # tiny CPU model
-    python bench/train_step.py --model sd14 --device cuda         # SD1.4-size, random weights
+    python bench/train_step.py --model tiny --device cpu             # per method: ESD-x, CRCE
+    python bench/train_step.py --model tiny --device cpu --grouped   # the paper's 5 methods
+    python bench/train_step.py --model sd14 --device cuda --grouped  # SD1.4-size, random weights
 
-Both run the same iterations (same x_t rollout lengths), interleaved, so the ratio is fair on
-a noisy machine. The reference runs fp32 as the official code does; the trainer runs with the
-precision given (bf16 autocast on GPU by default).
+Per method: the trainer and the reference run the same iterations (same x_t rollouts). With
+--grouped, one grouped trainer trains the paper's five methods (ESD-x, RealEra, CRCE-Sphere,
+CRCE-Fixed, CRCE) per step, against the reference running the same five one after another.
+On a CPU both sides run in one process with their steps alternated, so the machine's noise
+hits both alike; peak memory is measured in a fresh process per side (its max RSS, the
+interpreter and the loaded models included). On a GPU each side runs alone (its own peak memory), the trainer in bf16
+autocast by default, the reference in fp32 as the official code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import resource
 import statistics
 import sys
 import tempfile
@@ -24,12 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import make_cat_split as split  # noqa: E402
+from reference_trainer import ReferenceTrainer  # noqa: E402
 from sd14 import build_sd14_size_pipeline  # noqa: E402
 
 from crce.erase import Eraser  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
-from crce.settings import TrainSettings  # noqa: E402
+from crce.settings import SphereSettings, TrainSettings  # noqa: E402
 from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
+
+# The paper study's methods (config/config.yaml) with their M, N and anchors.
+PAPER_METHODS = {
+    "esd-x": dict(strategy="esd"),
+    "realera": dict(strategy="realera", n_corefs=10, n_retains=2),
+    "crce-sphere": dict(strategy="sphere", n_corefs=5, n_retains=3, coref_anchor="self"),
+    "crce-fixed": dict(strategy="crce", n_corefs=5, n_retains=3, fixed=True),
+    "crce": dict(strategy="crce", n_corefs=5, n_retains=3),
+}
 
 
 def sync(device):
@@ -37,25 +55,101 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(step, iterations, device, warmup=2):
-    for k in range(warmup):
-        step(10_000 + k)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for k in range(iterations):
-        start = time.perf_counter()
-        step(k)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return times, peak
-
-
 def summary(times):
     q = statistics.quantiles(times, n=4)
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
+
+
+def sphere_for(model: str) -> dict:
+    """R = 400 fits CLIP-L (the SD1.4-size model); the tiny text space takes 1.2 |e|."""
+    return dict(radius=1.2, radius_mode="relative") if model == "tiny" else {}
+
+
+class Sides:
+    """The trainer (one Eraser for all methods, or one per method) and the reference."""
+
+    def __init__(self, path, methods, args, device, side):
+        self.steps = []
+        sphere = sphere_for(args.model)
+        common = dict(lr=1e-5, ddim_steps=args.ddim_steps)
+        if side == "trainer":
+            dtype = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
+            settings = {
+                m: TrainSettings(
+                    **common, **PAPER_METHODS[m], precision=args.precision,
+                    sphere=SphereSettings(**sphere),
+                )
+                for m in methods
+            }  # fmt: skip
+            groups = [settings] if args.grouped else [{m: s} for m, s in settings.items()]
+            for group in groups:
+                pipe = load_pipeline(path, dtype=dtype, device=device)
+                self.steps.append(Eraser(pipe, group, "cat", split(), seed=0).step)
+        else:
+            for m in methods:
+                pipe = load_pipeline(path, device=device)
+                trainer = ReferenceTrainer(pipe, "cat", split(), **common, **PAPER_METHODS[m],
+                                           **sphere, seed=0)  # fmt: skip
+                self.steps.append(trainer.step)
+
+    def step(self, k):
+        for step in self.steps:
+            step(k)
+
+
+def peak_rss_mib(path, methods, args, side, queue):
+    """Run in a fresh process: its max RSS after loading the side's models and training."""
+    torch.set_num_threads(args.threads)
+    sides = Sides(path, methods, args, torch.device("cpu"), side)
+    for k in range(3):
+        sides.step(k)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def cpu_memory(path, methods, args):
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for side in ("trainer", "reference"):
+        queue = context.Queue()
+        process = context.Process(target=peak_rss_mib, args=(path, methods, args, side, queue))
+        process.start()
+        peaks[side] = queue.get()
+        process.join()
+    return peaks
+
+
+def measure_cpu(path, methods, args):
+    device = torch.device("cpu")
+    sides = {s: Sides(path, methods, args, device, s) for s in ("trainer", "reference")}
+    times = {"trainer": [], "reference": []}
+    for k in range(args.iterations + 2):
+        for name, side in sides.items():  # alternated, same iteration k: same rollouts
+            start = time.perf_counter()
+            side.step(k)
+            if k >= 2:  # two warm-up iterations
+                times[name].append(time.perf_counter() - start)
+    return times, cpu_memory(path, methods, args) if args.memory else {}
+
+
+def measure_gpu(path, methods, args):
+    device = torch.device(args.device)
+    times, peaks = {}, {}
+    for name in ("trainer", "reference"):  # one side on the GPU at a time: its own peak
+        side = Sides(path, methods, args, device, name)
+        for k in range(2):
+            side.step(10_000 + k)
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        times[name] = []
+        for k in range(args.iterations):
+            start = time.perf_counter()
+            side.step(k)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        del side
+        torch.cuda.empty_cache()
+    return times, peaks
 
 
 def main() -> None:
@@ -64,70 +158,44 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--ddim-steps", type=int, default=50)
-    parser.add_argument(
-        "--precision", default=None, help="trainer precision (default: bf16 on GPU)"
-    )
-    parser.add_argument("--methods", default="esd-x,crce")
+    parser.add_argument("--precision", default=None, help="trainer (default: bf16 on GPU)")
+    parser.add_argument("--methods", default=None, help="default: esd-x,crce; --grouped: all 5")
+    parser.add_argument("--grouped", action="store_true", help="the paper's methods as a group")
+    parser.add_argument("--memory", action="store_true", help="CPU peak RSS per side")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    device = torch.device(args.device)
-    precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
-    from reference_trainer import ReferenceTrainer
-
+    torch.set_num_threads(args.threads)
+    args.precision = args.precision or ("bfloat16" if args.device != "cpu" else "float32")
+    default = ",".join(PAPER_METHODS) if args.grouped else "esd-x,crce"
+    names = (args.methods or default).split(",")
+    runs = [names] if args.grouped else [[m] for m in names]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         build = build_tiny_pipeline if args.model == "tiny" else build_sd14_size_pipeline
         path = str(build(Path(tmp) / args.model))
-        for method in args.methods.split(","):
-            kw = dict(lr=1e-5, ddim_steps=args.ddim_steps)
-            if method == "crce":
-                kw.update(strategy="crce", n_corefs=5, n_retains=3)
-            else:
-                kw.update(strategy="esd")
-            row = {"model": args.model, "device": str(device), "method": method}
-            dtype = (
-                torch.bfloat16
-                if precision == "bfloat16" and device.type == "cuda"
-                else torch.float32
-            )
-            if device.type == "cpu":
-                # Both in memory, steps alternated: the machine's noise hits both alike.
-                ours = Eraser(
-                    load_pipeline(path, dtype=dtype),
-                    {method: TrainSettings(**kw, precision=precision)},
-                    "cat",
-                    split(),
-                    seed=0,
-                )
-                ref = ReferenceTrainer(load_pipeline(path), "cat", split(), **kw, seed=0)
-                times = {"trainer": [], "reference": []}
-                for k in range(args.iterations + 2):
-                    for name, step in (("trainer", ours.step), ("reference", ref.step)):
-                        start = time.perf_counter()
-                        step(k)
-                        if k >= 2:  # two warm-up iterations
-                            times[name].append(time.perf_counter() - start)
-                row["trainer"] = {**summary(times["trainer"]), "precision": precision}
-                row["reference"] = {**summary(times["reference"]), "precision": "float32"}
-            else:
-                # One model on the GPU at a time, so each peak memory is its own.
-                pipe = load_pipeline(path, dtype=dtype, device=device)
-                ours = Eraser(
-                    pipe, {method: TrainSettings(**kw, precision=precision)}, "cat", split(), seed=0
-                )
-                times, peak = measure(ours.step, args.iterations, device)
-                row["trainer"] = {**summary(times), "peak_gib": peak, "precision": precision}
-                del ours, pipe
-                torch.cuda.empty_cache()
-                pipe = load_pipeline(path, device=device)
-                ref = ReferenceTrainer(pipe, "cat", split(), **kw, seed=0)
-                times, peak = measure(ref.step, args.iterations, device)
-                row["reference"] = {**summary(times), "peak_gib": peak, "precision": "float32"}
-                row["memory_ratio"] = row["trainer"]["peak_gib"] / peak
-                del ref, pipe
-                torch.cuda.empty_cache()
-            row["speedup"] = row["reference"]["median_s"] / row["trainer"]["median_s"]
+        for methods in runs:
+            measure = measure_cpu if args.device == "cpu" else measure_gpu
+            times, peaks = measure(path, methods, args)
+            row = {
+                "model": args.model,
+                "device": args.device,
+                "grouped": args.grouped,
+                "methods": methods,
+                "ddim_steps": args.ddim_steps,
+                "trainer": {**summary(times["trainer"]), "precision": args.precision},
+                "reference": {**summary(times["reference"]), "precision": "float32"},
+                "speedup": statistics.median(times["reference"])
+                / statistics.median(times["trainer"]),
+                # Per-iteration ratios (same k on both sides): the spread of the speedup.
+                "speedup_q1_q3": statistics.quantiles(
+                    [r / t for r, t in zip(times["reference"], times["trainer"], strict=True)],
+                    n=4,
+                )[::2],
+            }
+            if peaks:
+                unit = "peak_rss_mib" if args.device == "cpu" else "peak_mib"
+                row["trainer"][unit], row["reference"][unit] = peaks["trainer"], peaks["reference"]
             print(json.dumps(row))
             results.append(row)
     if args.json:

@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from .losses import erasure_loss, esd_anchor
 from .modeling import device_for, encode_prompts, load_pipeline
-from .settings import TRAINER_VERSION, TrainRuntime, TrainSettings, derive_seed
+from .settings import (
+    GROUP_KEYS,
+    TRAINER_VERSION,
+    TrainRuntime,
+    TrainSettings,
+    derive_seed,
+    group_key,
+)
 from .strategies import STRATEGIES, Prompts, TrainingError
 
 log = logging.getLogger(__name__)
@@ -58,12 +65,11 @@ PARAM_SETS = {
         not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
     ),
 }
-# Settings every method of a group must share: one rollout and one schedule serve them all.
-GROUP_KEYS = ("params", "ddim_steps", "iterations", "start_guidance", "xt_model", "precision")
 
 
-def group_key(settings: TrainSettings) -> tuple:
-    return tuple(getattr(settings, key) for key in GROUP_KEYS)
+def master(tensor: torch.Tensor) -> torch.Tensor:
+    """A trained tensor's master copy: fp32, or the model's own dtype when wider (fp64)."""
+    return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32)).clone()
 
 
 class _SwapCopies:
@@ -73,7 +79,7 @@ class _SwapCopies:
     def __init__(self, unet, names: list[str]):
         parameters = dict(unet.named_parameters())
         for name in names:
-            parameters[name].data = parameters[name].data.float()  # fp32 master copy
+            parameters[name].data = master(parameters[name].data)
             parameters[name].requires_grad_(True)
         self.trained = [{name: parameters[name] for name in names}]
         self.frozen = {name: parameters[name].detach().clone() for name in names}
@@ -102,7 +108,7 @@ class _MultiLinear(torch.nn.Module):
         for _ in range(copies):
             copy = torch.nn.Module()
             for attr in trained:
-                tensor = getattr(base, attr).detach().float().clone()
+                tensor = master(getattr(base, attr))
                 copy.register_parameter(attr, torch.nn.Parameter(tensor))
             self.copies.append(copy)
         self.slices: list[int] | None = None
@@ -117,8 +123,14 @@ class _MultiLinear(torch.nn.Module):
     def forward(self, x):
         if self.slices is None:
             return F.linear(x, self.base.weight, self.base.bias)
+        tensors = [self._tensors(k) for k in range(len(self.copies))]
+        if len(set(self.slices)) == 1 and all(b is None for _, b in tensors):
+            # Equal slices (the x_t rollout): one batched matmul for every method.
+            weights = torch.stack([w for w, _ in tensors]).to(x.dtype)
+            groups = x.reshape(len(tensors), -1, x.shape[-1])
+            return torch.bmm(groups, weights.transpose(1, 2)).reshape(*x.shape[:-1], -1)
         parts = x.split(self.slices)
-        return torch.cat([F.linear(p, *self._tensors(k)) for k, p in enumerate(parts)])
+        return torch.cat([F.linear(p, w, b) for p, (w, b) in zip(parts, tensors, strict=True)])
 
 
 class _LinearCopies:
@@ -224,6 +236,8 @@ class Eraser:
         for strategy in self.strategies.values():
             strategy.prepare(self.prompts, self.device)
         self.uncond, self.target = self.prompts.uncond, self.prompts.target
+        # Latents and losses in fp32 (or the model's wider dtype: fp64 in exactness tests).
+        self.dtype = torch.promote_types(self.unet.dtype, torch.float32)
         channels = self.unet.config.in_channels
         size = self.unet.config.sample_size
         self.latent_shape = (1, channels, size, size)
@@ -242,7 +256,7 @@ class Eraser:
                 torch.randint(1, self.shared.ddim_steps - 1, (1,), generator=generator)
             )
             noise = torch.randn(self.latent_shape, generator=generator)
-            shared = shared or (ddim_index, noise.to(self.device))
+            shared = shared or (ddim_index, noise.to(self.device, self.dtype))
             plans[method] = strategy.plan(iteration, generator)
         return shared[0], shared[1], plans
 
@@ -265,7 +279,7 @@ class Eraser:
             pairs = self._unet(latents.repeat_interleave(2, dim=0), timestep, context, slices)
             e_uncond, e_cond = pairs[0::2], pairs[1::2]
             guided = e_uncond + s.start_guidance * (e_cond - e_uncond)
-            latents = self.scheduler.step(guided.float(), timestep, latents).prev_sample
+            latents = self.scheduler.step(guided.to(latents.dtype), timestep, latents).prev_sample
         return latents.expand(len(self.names), -1, -1, -1)
 
     def unet_timestep(self, ddim_index: int) -> torch.Tensor:
@@ -292,7 +306,7 @@ class Eraser:
             [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(frozen_batches)]
         )
         with torch.no_grad():
-            frozen_all = self._unet(frozen_latents, timestep, frozen_context).float()
+            frozen_all = self._unet(frozen_latents, timestep, frozen_context).to(self.dtype)
         trainable_latents = torch.cat(
             [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(trainable_batches)]
         )

@@ -12,7 +12,8 @@ def esd_anchor(e_uncond: torch.Tensor, e_cond: torch.Tensor, eta: float) -> torc
 
 def per_item_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each batch item (shape [B])."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 kept
+    return (prediction.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 def erasure_loss(
@@ -35,7 +36,7 @@ def erasure_loss(
     retain batches drop their terms (ESD-x is the special case M = N = 0). `reduce="sum"`
     drops the 1/M and 1/N (RealEra's official code sums its neighbour terms).
     """
-    loss = anchor.new_zeros((), dtype=torch.float32)
+    loss = anchor.new_zeros((), dtype=torch.promote_types(anchor.dtype, torch.float32))
     if pred_target is not None:
         loss = loss + per_item_mse(pred_target, anchor).sum()
     if len(pred_corefs):

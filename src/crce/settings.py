@@ -118,7 +118,30 @@ class TrainSettings(_Settings):
         return self.model_dump(mode="json", exclude=self._UNUSED[self.strategy])
 
 
+# Settings every method of a training group must share: one x_t rollout serves them all.
+GROUP_KEYS = ("params", "ddim_steps", "iterations", "start_guidance", "xt_model", "precision")
+
+
+def group_key(settings: TrainSettings) -> tuple:
+    return tuple(getattr(settings, key) for key in GROUP_KEYS)
+
+
+def training_groups(trained: dict[str, TrainSettings], enabled: bool) -> list[list[str]]:
+    """Methods that train as one batched job per concept: the largest set of methods sharing
+    GROUP_KEYS (two or more; the parameter set made of Linear layers), the rest on their own."""
+    if not enabled:
+        return []
+    by_key: dict[tuple, list[str]] = {}
+    for name, settings in trained.items():
+        if settings.params != "noxattn":  # grouping needs Linear layers (crce.erase)
+            by_key.setdefault(group_key(settings), []).append(name)
+    largest = max(by_key.values(), key=len, default=[])
+    return [largest] if len(largest) > 1 else []
+
+
 class TrainRuntime(_Settings):
+    # Train a concept's methods in one batched job (equal to separate runs to float noise).
+    group_methods: bool = False
     compile: bool = False
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50
@@ -135,7 +158,7 @@ class SettingsError(ValueError):
 
 def resolve_method(name: str, spec: dict, train: dict) -> TrainSettings:
     """A method's settings: `train.*` overridden by the method's own keys (label aside)."""
-    merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS | {"group_methods"}}
+    merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS}
     for key, value in spec.items():
         if key == "label":
             continue
@@ -240,6 +263,10 @@ class Study:
             for name, spec in self.methods.items()
             if spec["strategy"] != "none"
         }
+        # train.group_methods: one erase job per concept trains the group (crce.erase).
+        groups = training_groups(self.trained, self.train_runtime.group_methods)
+        self.grouped = groups[0] if groups else []
+        self.solo = [m for m in self.trained if m not in self.grouped]
         llm, corefs = config["llm"], config["corefs"]
         self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
         self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])

@@ -143,7 +143,7 @@ def sphere_neighbours(
     a coref when cos(e, n) (flattened) is in [coref_cos_min, coref_cos_max], as a retain when
     below retain_cos_max, by rejection: the corefs one by one, then the retains. R is
     `radius` (absolute) or `radius * |e|` (relative). Returns [M, 2, L, D] and [N, 2, L, D]."""
-    e = stack.float()
+    e = stack.to(torch.promote_types(stack.dtype, torch.float32))
     limit = sphere.radius * (e.norm().item() if sphere.radius_mode == "relative" else 1.0)
     draws = 0
 

@@ -1,4 +1,5 @@
 # The concept sheet, config validation, the resolved settings and every input function.
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,11 @@ TRAINED_METHODS = list(STUDY.trained)
 wildcard_constraints:
     concept=r"[a-z0-9][a-z0-9_-]*",
     method=r"[a-z0-9][a-z0-9_-]*",
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: a pattern nothing matches)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
 def concept_row(wildcards):

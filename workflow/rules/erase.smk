@@ -1,4 +1,5 @@
-# Erasure fine-tuning: one GPU job per trained method and concept.
+# Erasure fine-tuning: one GPU job per trained method and concept, or (train.group_methods)
+# one job per concept that trains its group of methods in shared batches.
 
 
 rule erase:
@@ -10,6 +11,8 @@ rule erase:
         record="results/models/{method}/{concept}/train.json",
     log:
         "logs/erase/{method}/{concept}.log",
+    wildcard_constraints:
+        method=one_of(STUDY.solo),
     retries: 2
     conda:
         "../../envs/train.yaml"
@@ -26,5 +29,37 @@ rule erase:
         runtime=untracked(STUDY.train_runtime),
         # Not an output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir="results/.checkpoints/{method}/{concept}",
+    script:
+        "../scripts/erase.py"
+
+
+rule erase_group:
+    input:
+        split="results/splits/{concept}.json",
+        model=base_model,
+    output:
+        delta=expand(
+            "results/models/{method}/{{concept}}/delta.safetensors",
+            method=STUDY.grouped,
+        ),
+        record=expand(
+            "results/models/{method}/{{concept}}/train.json", method=STUDY.grouped
+        ),
+    log:
+        "logs/erase/group/{concept}.log",
+    retries: 2
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    params:
+        concept=concept_row,
+        settings={m: STUDY.trained[m].as_params() for m in STUDY.grouped},
+        model=STUDY.model,
+        seed=STUDY.seed,
+        trainer_version=TRAINER_VERSION,
+        runtime=untracked(STUDY.train_runtime),
+        checkpoint_dir="results/.checkpoints/group/{concept}",
     script:
         "../scripts/erase.py"

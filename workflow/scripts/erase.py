@@ -3,6 +3,8 @@ from crce.logs import job_log
 
 with job_log(snakemake.log[0]):
     p = snakemake.params
+    deltas = snakemake.output.delta  # one method (erase) or a group (erase_group)
+    deltas = [deltas] if isinstance(deltas, str) else list(deltas)
     run(
         concept=p.concept,
         methods=p.settings,
@@ -11,6 +13,6 @@ with job_log(snakemake.log[0]):
         trainer_version=p.trainer_version,
         runtime=vars(p.runtime),
         split_path=snakemake.input.split,
-        outputs={snakemake.wildcards.method: snakemake.output.delta},
+        outputs=dict(zip(p.settings, deltas, strict=True)),
         checkpoint_dir=p.checkpoint_dir,
     )
