@@ -42,8 +42,11 @@ from .settings import (
     TRAINER_VERSION,
     TrainRuntime,
     TrainSettings,
+    UceSettings,
     derive_seed,
     group_key,
+    is_iterative,
+    parse_method,
 )
 from .strategies import STRATEGIES, Prompts, TrainingError
 
@@ -483,12 +486,12 @@ def run(
     seed: int,
     runtime: dict,
     split_path: str,
-    trainer_version: int = TRAINER_VERSION,
     outputs: dict[str, str],
     checkpoint_dir: str,
+    trainer_version: int = TRAINER_VERSION,
 ) -> None:
-    """The `erase` rules: train one method or a group, then write each method's
-    delta.safetensors and train.json."""
+    """The `erase` rules: train one method or a group (or solve UCE, or read an external
+    checkpoint), then write each method's delta.safetensors and train.json."""
     from safetensors.torch import save_file
 
     from .lists import read_split
@@ -498,29 +501,46 @@ def run(
             f"the workflow planned trainer version {trainer_version}, this code is version "
             f"{TRAINER_VERSION}: rerun snakemake so the job is planned with this code"
         )
-    settings = {m: TrainSettings(**spec) for m, spec in methods.items()}
+    settings = {m: parse_method(spec) for m, spec in methods.items()}
+    iterative = all(is_iterative(s) for s in settings.values())
+    if not iterative and len(settings) > 1:
+        raise TrainingError("closed-form and external methods run one per job, not in a group")
     runtime = TrainRuntime(**runtime)
     seed = derive_seed(seed, concept["id"])  # every method of the concept: paired noise
     device = device_for(runtime.device)
     torch.manual_seed(seed)
     first = next(iter(settings.values()))
-    bf16 = first.precision == "bfloat16" and device.type == "cuda"
+    bf16 = iterative and first.precision == "bfloat16" and device.type == "cuda"
     pipe = load_pipeline(model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
-    pipe.vae = None  # training works in latent space
+    pipe.vae = None  # erasure works in latent space
     log.info("erasing %r with %s", concept["text"], json.dumps(methods))
-    eraser = Eraser(
-        pipe, settings, concept["text"], read_split(split_path), seed=seed, runtime=runtime
-    )
-    any_tensors = next(iter(eraser.trained.values()))
-    log.info(
-        "%d methods, %d trained tensors each (%d parameters): %s ...",
-        len(settings),
-        len(any_tensors),
-        sum(p.numel() for p in any_tensors.values()),
-        ", ".join(list(any_tensors)[:4]),
-    )
-    summaries = eraser.train(checkpoint_dir)
-    deltas = eraser.deltas()
+    split = read_split(split_path)
+    began = time.perf_counter()
+    if iterative:
+        eraser = Eraser(pipe, settings, concept["text"], split, seed=seed, runtime=runtime)
+        any_tensors = next(iter(eraser.trained.values()))
+        log.info(
+            "%d methods, %d trained tensors each (%d parameters): %s ...",
+            len(settings),
+            len(any_tensors),
+            sum(p.numel() for p in any_tensors.values()),
+            ", ".join(list(any_tensors)[:4]),
+        )
+        summaries = eraser.train(checkpoint_dir)
+        deltas = eraser.deltas()
+    else:
+        (method,) = settings
+        if isinstance(first, UceSettings):
+            from .uce import edit
+
+            deltas = {method: edit(pipe, first, concept["text"], split)}
+            summaries = {method: {}}
+        else:
+            from .external import load_delta
+
+            delta, record = load_delta(pipe.unet, first, concept)
+            deltas, summaries = {method: delta}, {method: {"external": record}}
+        summaries[method]["wall_seconds"] = time.perf_counter() - began
     for method, output in outputs.items():
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -541,12 +561,15 @@ def run(
             **summary,
         }
         (output.parent / "train.json").write_text(json.dumps(record, indent=2) + "\n")
-        log.info(
-            "%s done: %d iterations in %.1f s (%.2f it/s), loss %.4g -> %.4g",
-            method,
-            summary["iterations"],
-            summary["wall_seconds"],
-            summary["it_per_s"] or 0,
-            summary["loss"].get("first", float("nan")),
-            summary["loss"].get("last", float("nan")),
-        )
+        if "loss" in summary:
+            log.info(
+                "%s done: %d iterations in %.1f s (%.2f it/s), loss %.4g -> %.4g",
+                method,
+                summary["iterations"],
+                summary["wall_seconds"],
+                summary["it_per_s"] or 0,
+                summary["loss"].get("first", float("nan")),
+                summary["loss"].get("last", float("nan")),
+            )
+        else:
+            log.info("%s done in %.1f s", method, summary["wall_seconds"])

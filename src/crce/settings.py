@@ -118,6 +118,10 @@ class TrainSettings(_Settings):
         return self.model_dump(mode="json", exclude=self._UNUSED[self.strategy])
 
 
+def is_iterative(settings) -> bool:
+    return isinstance(settings, TrainSettings)
+
+
 # Settings every method of a training group must share: one x_t rollout serves them all.
 GROUP_KEYS = ("params", "ddim_steps", "iterations", "start_guidance", "xt_model", "precision")
 
@@ -126,14 +130,14 @@ def group_key(settings: TrainSettings) -> tuple:
     return tuple(getattr(settings, key) for key in GROUP_KEYS)
 
 
-def training_groups(trained: dict[str, TrainSettings], enabled: bool) -> list[list[str]]:
+def training_groups(trained: dict, enabled: bool) -> list[list[str]]:
     """Methods that train as one batched job per concept: the largest set of methods sharing
     GROUP_KEYS (two or more; the parameter set made of Linear layers), the rest on their own."""
     if not enabled:
         return []
     by_key: dict[tuple, list[str]] = {}
     for name, settings in trained.items():
-        if settings.params != "noxattn":  # grouping needs Linear layers (crce.erase)
+        if is_iterative(settings) and settings.params != "noxattn":  # Linear layers only
             by_key.setdefault(group_key(settings), []).append(name)
     largest = max(by_key.values(), key=len, default=[])
     return [largest] if len(largest) > 1 else []
@@ -152,12 +156,64 @@ class TrainRuntime(_Settings):
 TRAIN_RUNTIME_KEYS = frozenset(TrainRuntime.model_fields)
 
 
+class UceSettings(_Settings):
+    """Unified Concept Editing (Gandikota et al., WACV 2024), closed form, as its official
+    `trainscripts/uce_sd_erase.py` (rohitgandikota/unified-concept-editing at ea9644fd)
+    computes it: every attn2 to_k / to_v weight W becomes the ridge least-squares solution
+    W = (lamb W0 + sum_e es_e v*_e c_e^T + sum_p ps_p W0 c_p c_p^T)
+        (lamb I + sum_e es_e c_e c_e^T + sum_p ps_p c_p c_p^T)^-1,
+    c = a concept's last-word token embedding, v*_e = W0 c_guide. `lists: false` erases the
+    target alone and preserves nothing (UCE's own default); `lists: true` (uce-cr) erases the
+    target and its train corefs and preserves its train retains, each scaled by its
+    certainty weight."""
+
+    strategy: Literal["uce"] = "uce"
+    lists: bool = False
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lamb: float = 0.5
+    guide: str = ""  # the anchor concept (UCE: "" for objects, i.e. the start token)
+    certainty_weights: bool = True  # lists only: scale each item by its certainty weight
+
+
+ExternalFormat = Literal["auto", "unet", "pipeline", "safetensors", "crce-pt"]
+
+
+class ExternalSettings(_Settings):
+    """Weights made elsewhere (e.g. MACE's official outputs): nothing trains; the job turns
+    the checkpoint at `path` (with {concept}) into this pipeline's delta."""
+
+    strategy: Literal["external"] = "external"
+    path: str
+    format: ExternalFormat = "auto"
+
+
+MethodSettings = TrainSettings | UceSettings | ExternalSettings
+ITERATIVE = ("esd", "crce", "sphere", "realera")
+
+
+def parse_method(params: dict) -> MethodSettings:
+    """A method's settings from its params (the strategy says which kind)."""
+    cls = {"uce": UceSettings, "external": ExternalSettings}.get(params["strategy"], TrainSettings)
+    return cls(**params)
+
+
 class SettingsError(ValueError):
     """A setting that cannot be resolved; the message names the method and key."""
 
 
-def resolve_method(name: str, spec: dict, train: dict) -> TrainSettings:
-    """A method's settings: `train.*` overridden by the method's own keys (label aside)."""
+def resolve_method(name: str, spec: dict, train: dict, uce: dict | None = None) -> MethodSettings:
+    """A method's settings: for an iterative strategy `train.*` overridden by the method's own
+    keys; for UCE the `uce` defaults overridden by its keys; for an external checkpoint its
+    keys alone (label aside)."""
+    own = {k: v for k, v in spec.items() if k != "label"}
+    if own.get("strategy") in ("uce", "external"):
+        base = dict(uce or {}) if own["strategy"] == "uce" else {}
+        cls = UceSettings if own["strategy"] == "uce" else ExternalSettings
+        try:
+            return cls(**{**base, **own})
+        except ValueError as err:
+            raise SettingsError(f"method {name!r}: {err}") from None
     merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS}
     for key, value in spec.items():
         if key == "label":
@@ -259,7 +315,7 @@ class Study:
         train = config["train"]
         self.train_runtime = TrainRuntime(**{k: train[k] for k in TRAIN_RUNTIME_KEYS & set(train)})
         self.trained = {
-            name: resolve_method(name, spec, train)
+            name: resolve_method(name, spec, train, config.get("uce"))
             for name, spec in self.methods.items()
             if spec["strategy"] != "none"
         }

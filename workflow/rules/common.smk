@@ -18,6 +18,7 @@ from crce.settings import (
     TRAINER_VERSION,
     SettingsError,
     Study,
+    is_iterative,
     jobs_import_from,
     untracked,
 )
@@ -102,6 +103,19 @@ def download_repos():
 def erase_settings(wildcards):
     """The method's resolved training settings (train.* with its overrides), as builtins."""
     return {wildcards.method: STUDY.trained[wildcards.method].as_params()}
+
+
+def iterative(method):
+    return is_iterative(STUDY.trained[method])
+
+
+def external_checkpoint(wildcards):
+    """An external method's checkpoint for this concept, as an input once it exists."""
+    settings = STUDY.trained[wildcards.method]
+    if is_iterative(settings) or settings.strategy != "external":
+        return []
+    path = Path(settings.path.format(concept=wildcards.concept))
+    return [str(path)] if path.exists() else []
 
 
 def trained_delta(wildcards):

@@ -6,6 +6,8 @@ rule erase:
     input:
         split="results/splits/{concept}.json",
         model=base_model,
+        # An external method's checkpoint, once it exists (a new one reruns the job).
+        checkpoint=external_checkpoint,
     output:
         delta="results/models/{method}/{concept}/delta.safetensors",
         record="results/models/{method}/{concept}/train.json",
@@ -17,8 +19,10 @@ rule erase:
     conda:
         "../../envs/train.yaml"
     resources:
-        gpu=1,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        # UCE solves in seconds and an external checkpoint is only read: no GPU for them.
+        gpu=lambda wildcards: 1 if iterative(wildcards.method) else 0,
+        runtime=lambda wildcards, attempt: (60 if iterative(wildcards.method) else 15)
+        * attempt,
     params:
         concept=concept_row,
         settings=erase_settings,
