@@ -61,6 +61,13 @@ rule table1:
         all_figures(),
 
 
+# Paper Table 6: CRCE over the (M, N) grid of config `sweep`.
+rule table6:
+    input:
+        "results/table6.csv",
+        table6_figures(),
+
+
 # Login node, before a cluster run: model weights and the CorefConcept files.
 rule download:
     input:

@@ -86,6 +86,13 @@ class FinishedWorld:
             files.append(str(extra))
         return ["--configfile", *files, "--config", f"concepts={sheet or self.sheet}"]
 
+    def copy(self, folder: Path) -> FinishedWorld:
+        """A copy to change (new methods, a sweep) without touching the shared world."""
+        import shutil
+
+        shutil.copytree(self.work, folder, symlinks=True)
+        return FinishedWorld(folder, folder / self.sheet.name)
+
     def plan(self, target: str = "all", sheet: Path | None = None, **overlay) -> dict[str, int]:
         """Jobs per rule a dry run plans (empty when there is nothing to be done)."""
         result = snakemake(self.work, "-n", target, *self.args(sheet, **overlay))

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx2
 import pandas as pd
 import pytest
+import torch
 import yaml
 from helpers import FAKE_SERVER, REPO
 
@@ -337,3 +338,41 @@ def test_versus_paper_carries_every_paper_row_we_have():
     assert sorted(set(vs["method"])) == sorted(labels)
     mace = vs[(vs.method == "MACE") & (vs.metric == "Acc_U") & (vs.category == "object")]
     assert mace["paper"].item() == 2.10 and mace["difference"].item() == round(10.0 - 2.10, 2)
+
+
+def test_an_exported_folder_draws_the_samplers_images(tiny_model, cat_split, tmp_path):
+    """Base + delta saved as a full pipeline: StableDiffusionPipeline.from_pretrained gives
+    the images the workflow's own sampler draws for the same seeds and batch composition."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from crce.export import export
+    from crce.sample import load_erased_pipeline, set_scheduler
+
+    pipe = load_pipeline(tiny_model)
+    delta = {
+        n: p.detach() * 20  # a change the tiny model's images show
+        for n, p in pipe.unet.named_parameters()
+        if ".attn2.to_k." in n or ".attn2.to_v." in n
+    }
+    save_file({k: v.contiguous() for k, v in delta.items()}, tmp_path / "delta.safetensors")
+    settings = SampleSettings(steps=3, resolution=32, precision="float32")
+    folder = export(tiny_model, str(tmp_path / "delta.safetensors"), settings,
+                    tmp_path / "exported", {"method": "m"})  # fmt: skip
+    plan = plan_images(cat_split, method="m", seed=3, images_per_prompt=2).head(6)
+    kw = dict(steps=3, guidance=7.5, resolution=32, batch_size=4, progress=False)
+    ours = load_erased_pipeline(
+        tiny_model, str(tmp_path / "delta.safetensors"), dtype=torch.float32, device="cpu"
+    )
+    set_scheduler(ours, "ddim")
+    sample_images(ours, plan, tmp_path / "ours", **kw)
+    loaded = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    sample_images(loaded, plan, tmp_path / "loaded", **kw)
+    for path in plan["path"]:
+        assert (tmp_path / "ours" / path).read_bytes() == (tmp_path / "loaded" / path).read_bytes()
+    base, base_image = load_pipeline(tiny_model), tmp_path / "base"
+    set_scheduler(base, "ddim")
+    sample_images(base, plan.head(4), base_image, **kw)  # the delta changed the images
+    first = plan["path"].iloc[0]
+    assert (base_image / first).read_bytes() != (tmp_path / "ours" / first).read_bytes()

@@ -9,6 +9,7 @@ from helpers import REPO, snakemake
 pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 TRAINED = [m for m, spec in CONFIG["methods"].items() if spec["strategy"] != "none"]
+ITERATIVE = [m for m in TRAINED if CONFIG["methods"][m]["strategy"] != "uce"]
 AGGREGATES = {"metrics": 1, "category_figure": 3, "all": 1}  # 3 categories in the test sheet
 
 
@@ -16,15 +17,16 @@ def test_table1_has_one_row_per_method_in_the_papers_layout(test_world):
     work = test_world.work
     table = pd.read_csv(work / "results" / "table1.csv")
     labels = [spec["label"] for spec in CONFIG["methods"].values()]
-    assert list(table["method"]) == ["SD", "ESD-x", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE"]
+    paper = ["SD", "ESD-x", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE"]
+    assert list(table["method"]) == [*paper, "UCE", "UCE-CR"]  # the paper's order, then ours
     assert sorted(table["method"]) == sorted(labels)
     metrics = ["Acc_U", "Acc_C_train", "Acc_C_test", "Acc_R_train", "Acc_R_test"]
     expected = ["method"] + [f"{c}/{m}" for c in ("object", "ip", "celebrity") for m in metrics]
     assert list(table.columns) == expected
     assert table.drop(columns="method").stack().between(0, 100).all()
     assert (work / "results" / "table1.md").exists()
-    paper = pd.read_csv(work / "results" / "table1_vs_paper.csv")
-    assert set(paper["method"]) == set(labels) - {"MACE"}  # all seven paper rows we have
+    versus = pd.read_csv(work / "results" / "table1_vs_paper.csv")
+    assert set(versus["method"]) == set(paper)  # every paper row we have
     long = pd.read_parquet(work / "results" / "metrics.parquet")
     columns = {"method", "concept", "category", "group", "n", "accuracy", "ci_low", "ci_high"}
     assert columns | {"mean_p_yes"} <= set(long.columns)
@@ -47,7 +49,7 @@ def test_training_noise_is_paired_across_methods(test_world):
     models = test_world.work / "results" / "models"
     indices = {
         m: [h["ddim_index"] for h in json.loads((models / m / "cat" / "train.json").read_text())["history"]]
-        for m in TRAINED
+        for m in ITERATIVE
     }  # fmt: skip
     assert len({tuple(v) for v in indices.values()}) == 1, indices
 
@@ -67,14 +69,14 @@ def test_adding_a_row_plans_only_that_concept(test_world):
     per_concept = {
         "coref_lists": 1,
         "split": 1,
-        "erase": 5,
-        "sample": 6,
+        "erase": 7,
+        "sample": 8,
         "judge": 1,
         "concept_figure": 1,
         "clip_distances": 1,
         "table2_vs_paper": 1,  # dog: the paper printed its Table 2
     }
-    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 22}
+    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 26}
     splits = test_world.work / "results" / "splits"
     before = {p.name: p.stat().st_mtime_ns for p in splits.glob("*.json")}
     result = snakemake(test_world.work, "splits", *test_world.args(sheet=extended))
@@ -88,8 +90,8 @@ def test_adding_a_row_plans_only_that_concept(test_world):
 def test_a_new_learning_rate_retrains_every_method_and_nothing_upstream(test_world):
     plan = test_world.plan(train={"lr": 5e-3})
     assert plan == {
-        "erase": 20,
-        "sample": 20,  # every trained method's images; SD's stay
+        "erase": 20,  # the 5 iterative methods' (UCE has no learning rate)
+        "sample": 20,  # their images; SD's and UCE's stay
         "judge": 4,
         "concept_figure": 4,
         **AGGREGATES,
@@ -99,7 +101,7 @@ def test_a_new_learning_rate_retrains_every_method_and_nothing_upstream(test_wor
 
 def test_new_sampling_steps_resample_and_rejudge_without_retraining(test_world):
     plan = test_world.plan(sample={"steps": 4})
-    assert plan == {"sample": 24, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 37}
+    assert plan == {"sample": 32, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 45}
 
 
 def test_a_new_judge_prompt_rejudges_only(test_world):
@@ -110,7 +112,7 @@ def test_a_new_judge_prompt_rejudges_only(test_world):
 def test_a_new_split_size_resplits_without_new_lists(test_world):
     plan = test_world.plan(split={"n_train": 9})
     assert "coref_lists" not in plan
-    assert plan["split"] == 4 and plan["erase"] == 20 and plan["sample"] == 24
+    assert plan["split"] == 4 and plan["erase"] == 28 and plan["sample"] == 32
     assert plan["clip_distances"] == 4 and plan["judge"] == 4
 
 
@@ -134,6 +136,66 @@ def test_settings_that_change_no_result_rerun_nothing(test_world):
         "llm": {"timeout": 30, "max_attempts": 5, "max_retries": 3, "retry_wait_max": 2},
     }
     assert test_world.plan(**untracked) == {}
+
+
+def test_a_released_checkpoint_takes_maces_row(test_world, tmp_path):
+    """An external method from checkpoints in the official CRCE .pt layout, made here: no
+    training; a concept without one fails alone, naming itself and the path; MACE takes its
+    paper row position and is set beside the paper's MACE row."""
+    import torch
+
+    from crce.modeling import load_pipeline
+
+    world = test_world.copy(tmp_path / "world")
+    folder = tmp_path / "mace"
+    folder.mkdir()
+    unet = load_pipeline(str(world.work / "results" / "base-model" / "tiny")).unet
+    checkpoint = {
+        f"unet.{name}": {"weight": module.weight.detach() * 0.5}
+        for name, module in unet.named_modules()
+        if ".attn2." in f".{name}" and name.endswith(("to_k", "to_v"))
+    }
+    for concept in ("cat", "bat-animal", "harry-potter"):  # not beyonce
+        torch.save(checkpoint, folder / f"{concept}.pt")
+    mace = {"strategy": "external", "label": "MACE", "path": str(folder / "{concept}.pt")}
+    args = world.args(methods={"mace": mace})
+    first = snakemake(world.work, "--keep-going", "table1", *args)
+    assert first.returncode != 0
+    log = (world.work / "logs" / "erase" / "mace" / "beyonce.log").read_text()
+    assert "'Beyoncé' (beyonce): no checkpoint at" in log and str(folder / "beyonce.pt") in log
+    torch.save(checkpoint, folder / "beyonce.pt")
+    second = snakemake(world.work, "table1", *args)
+    assert second.returncode == 0, second.stdout[-3000:]
+    table = pd.read_csv(world.work / "results" / "table1.csv")
+    assert list(table["method"])[:3] == ["SD", "ESD-x", "MACE"]
+    versus = pd.read_csv(world.work / "results" / "table1_vs_paper.csv")
+    assert "MACE" in set(versus["method"])
+    import json
+
+    record = json.loads(
+        (world.work / "results" / "models" / "mace" / "cat" / "train.json").read_text()
+    )
+    assert record["external"]["format"] == "crce-pt" and record["external"]["changed_tensors"] == 20
+    assert "iterations" not in record  # nothing trained
+
+
+def test_a_2x2_sweep_writes_table6(test_world, tmp_path):
+    """Table 6's grid in the test world: its (5, 3) cell is Table 1's CRCE (not retrained)."""
+    world = test_world.copy(tmp_path / "world")
+    sweep = {"n_corefs": [3, 5], "n_retains": [1, 3], "categories": ["object"], "method": "crce"}
+    args = world.args(sweep=sweep)
+    plan = world.plan("table6", sweep=sweep)
+    assert plan["erase"] == 3 * 2  # three new cells on cat and bat (animal), no CRCE retraining
+    result = snakemake(world.work, "table6", *args)
+    assert result.returncode == 0, result.stdout[-3000:]
+    table = pd.read_csv(world.work / "results" / "table6.csv")
+    assert sorted(zip(table["M"], table["N"], strict=True)) == [(3, 1), (3, 3), (5, 1), (5, 3)]
+    assert set(table["category"]) == {"object"}
+    table1 = pd.read_csv(world.work / "results" / "table1.csv").set_index("method")
+    cell = table[(table["M"] == 5) & (table["N"] == 3)].iloc[0]
+    for metric in ("Acc_U", "Acc_C_train", "Acc_R_test"):
+        assert cell[metric] == table1.loc["CRCE", f"object/{metric}"], metric
+    assert len(list((world.work / "results" / "figures" / "table6").glob("*.png"))) == 5
 
 
 def test_report_shows_tables_and_figures(test_world):

@@ -297,3 +297,18 @@ def test_a_job_runs_the_checkouts_code_not_an_installed_copy(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     for log in ("corefs/cat.log", "splits/cat.log"):
         assert "edited in the checkout" in (work / "logs" / log).read_text(), log
+
+
+def test_the_papers_table6_plans_each_cell_once(workdir):
+    """4 x 4 cells on the 20 object concepts: 15 cells of the sweep's own, trained as one group
+    per concept, and (5, 3), which is Table 1's CRCE (trained with Table 1's group)."""
+    result = snakemake(workdir, "-n", "table6")
+    assert result.returncode == 0, result.stdout[-3000:]
+    counts = planned(result.stdout)
+    assert counts["erase_sweep"] == 20 and counts["judge_sweep"] == 20
+    assert counts["erase_group"] == 20  # Table 1's, CRCE among its methods
+    pattern = r"results/images/(crce|crce-m\d+-n\d+)/([a-z0-9-]+)/manifest\.parquet"
+    cells = re.findall(pattern, result.stdout)
+    sampled = {(m, c) for m, c in cells}
+    assert len({m for m, _ in sampled}) == 16  # crce and its 15 cells
+    assert len(sampled) == 16 * 20 and counts["table6_figure"] == 5

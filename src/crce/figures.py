@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -64,6 +65,30 @@ def category_bars(metrics_path: str, labels: dict[str, str], category: str, outp
     ax.set_ylim(0, 100)
     ax.set_title(f"{category}: U and C lower is better, R higher is better")
     ax.legend(fontsize=7, ncols=min(4, len(order)))
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def table6_heatmap(table_path: str, metric: str, output: str) -> None:
+    """One metric of Table 6 over the (M, N) grid, a panel per category."""
+    table = pd.read_csv(table_path)
+    categories = list(dict.fromkeys(table["category"]))
+    fig, axes = plt.subplots(
+        1, len(categories), figsize=(3.6 * len(categories), 3.2), squeeze=False
+    )
+    for ax, category in zip(axes[0], categories, strict=True):
+        grid = table[table["category"] == category].pivot(index="M", columns="N", values=metric)
+        image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=100)
+        ax.set_xticks(range(len(grid.columns)), grid.columns)
+        ax.set_yticks(range(len(grid.index)), grid.index)
+        ax.set_xlabel("N (retains)")
+        ax.set_ylabel("M (corefs)")
+        ax.set_title(f"{category}: {metric}")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)

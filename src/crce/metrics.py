@@ -8,15 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from .paper import PAPER_TABLE1, PAPER_TABLE2
-from .settings import CATEGORIES
+from .settings import CATEGORIES, METRICS
 
-METRICS = {
-    "target": "Acc_U",
-    "coref_train": "Acc_C_train",
-    "coref_test": "Acc_C_test",
-    "retain_train": "Acc_R_train",
-    "retain_test": "Acc_R_test",
-}
 # The paper's Table 1 row order; labels come from each method's config.
 PAPER_ORDER = tuple(PAPER_TABLE1)
 
@@ -167,3 +160,24 @@ def run_table2_versus_paper(*, distances: str, concept: str, output: str) -> Non
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     table = table2_versus_paper(pd.read_csv(distances), concept)
     table.to_csv(output, index=False, float_format="%.4f")
+
+
+def table6(judgments: pd.DataFrame, cells: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """Paper Table 6: one row per (M, N, category) with the five metrics, in percent (means
+    over the category's concepts, as Table 1)."""
+    metrics = compute_metrics(judgments, {m: m for m in cells})
+    means = metrics.groupby(["method", "category", "metric"])["accuracy"].mean() * 100
+    rows = []
+    for method, (m, n) in cells.items():
+        for category in [c for c in CATEGORIES if c in set(metrics["category"])]:
+            row = {"M": m, "N": n, "category": category}
+            for metric in METRICS.values():
+                row[metric] = round(float(means.get((method, category, metric), math.nan)), 2)
+            rows.append(row)
+    return pd.DataFrame(rows).sort_values(["category", "M", "N"], ignore_index=True)
+
+
+def run_table6(judgments: list[str], cells: dict[str, list[int]], output: str) -> None:
+    frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
+    table = table6(frames, {m: tuple(mn) for m, mn in cells.items()})
+    table.to_csv(output, index=False, float_format="%.2f")

@@ -24,6 +24,14 @@ LIST_LENGTH = 15  # corefs and retains per concept (paper: 15 + 15)
 N_TRAIN, N_TEST = 10, 5  # the paper's split of each list
 # The groups of a concept's prompts, in Table 1's column order.
 GROUPS = ("target", "coref_train", "coref_test", "retain_train", "retain_test")
+# Table 1's metric of each group: the share of images the judge says show the prompt's concept.
+METRICS = {
+    "target": "Acc_U",
+    "coref_train": "Acc_C_train",
+    "coref_test": "Acc_C_test",
+    "retain_train": "Acc_R_train",
+    "retain_test": "Acc_R_test",
+}
 LIST_PROMPT_VERSION = "appendix-a-v1"  # the LLM prompt for the lists (crce.llm)
 # Bumped whenever the trainer computes something else for the same settings. It enters the
 # erase rule's params and every checkpoint, so results of an older trainer are never reused.
@@ -303,6 +311,36 @@ def split_known(model: type[_Settings], section: dict) -> tuple[dict, dict]:
     return known, {k: v for k, v in section.items() if k not in known}
 
 
+class Sweep:
+    """Paper Table 6: one method's settings at every (M, N) of a grid, on the concepts of some
+    categories. A cell whose settings equal the method's own is that method (its Table 1 job,
+    not a second training); the others are the sweep's own methods, never in Table 1."""
+
+    def __init__(self, sweep: dict | None, trained: dict, split: dict):
+        self.cells: dict[tuple[int, int], str] = {}
+        self.trained: dict[str, TrainSettings] = {}
+        self.categories: list[str] = list((sweep or {}).get("categories", []))
+        if not sweep:
+            return
+        name = sweep["method"]
+        base = trained.get(name)
+        if not isinstance(base, TrainSettings) or base.strategy != "crce":
+            raise SettingsError(f"sweep.method {name!r} must be a method with strategy crce")
+        n_train = split.get("n_train", N_TRAIN)
+        for m in sweep["n_corefs"]:
+            for n in sweep["n_retains"]:
+                if max(m, n) > n_train:
+                    raise SettingsError(
+                        f"sweep: M={m}, N={n} draw more items than the train split has "
+                        f"(split.n_train={n_train})"
+                    )
+                cell = base.model_copy(update={"n_corefs": m, "n_retains": n})
+                cell_name = name if cell == base else f"{name}-m{m}-n{n}"
+                self.cells[(m, n)] = cell_name
+                if cell_name != name:
+                    self.trained[cell_name] = cell
+
+
 class Study:
     """The config resolved once into each stage's settings (common.smk)."""
 
@@ -319,10 +357,16 @@ class Study:
             for name, spec in self.methods.items()
             if spec["strategy"] != "none"
         }
-        # train.group_methods: one erase job per concept trains the group (crce.erase).
+        self.sweep = Sweep(config.get("sweep"), self.trained, config["split"])
+        # train.group_methods: one erase job per concept trains Table 1's group, another the
+        # sweep's cells (crce.erase); the rest train one method per job.
         groups = training_groups(self.trained, self.train_runtime.group_methods)
         self.grouped = groups[0] if groups else []
-        self.solo = [m for m in self.trained if m not in self.grouped]
+        sweep_groups = training_groups(self.sweep.trained, self.train_runtime.group_methods)
+        self.sweep_grouped = sweep_groups[0] if sweep_groups else []
+        self.all_trained = {**self.trained, **self.sweep.trained}
+        grouped = set(self.grouped) | set(self.sweep_grouped)
+        self.solo = [m for m in self.all_trained if m not in grouped]
         llm, corefs = config["llm"], config["corefs"]
         self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
         self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])

@@ -15,6 +15,7 @@ from crce.concepts import SheetError, load_sheet
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
 from crce.paper import PAPER_TABLE2
 from crce.settings import (
+    METRICS,
     TRAINER_VERSION,
     SettingsError,
     Study,
@@ -102,16 +103,20 @@ def download_repos():
 
 def erase_settings(wildcards):
     """The method's resolved training settings (train.* with its overrides), as builtins."""
-    return {wildcards.method: STUDY.trained[wildcards.method].as_params()}
+    return {wildcards.method: STUDY.all_trained[wildcards.method].as_params()}
+
+
+def group_settings(methods):
+    return {m: STUDY.all_trained[m].as_params() for m in methods}
 
 
 def iterative(method):
-    return is_iterative(STUDY.trained[method])
+    return is_iterative(STUDY.all_trained[method])
 
 
 def external_checkpoint(wildcards):
     """An external method's checkpoint for this concept, as an input once it exists."""
-    settings = STUDY.trained[wildcards.method]
+    settings = STUDY.all_trained[wildcards.method]
     if is_iterative(settings) or settings.strategy != "external":
         return []
     path = Path(settings.path.format(concept=wildcards.concept))
@@ -120,7 +125,7 @@ def external_checkpoint(wildcards):
 
 def trained_delta(wildcards):
     """A trained method's delta; the `sd` baseline samples the base model."""
-    if wildcards.method not in STUDY.trained:
+    if wildcards.method not in STUDY.all_trained:
         return []
     return [f"results/models/{wildcards.method}/{wildcards.concept}/delta.safetensors"]
 
@@ -165,6 +170,32 @@ def all_clip_distances():
     return expand("results/clip_distances/{concept}.csv", concept=CONCEPTS) + expand(
         "results/table2_vs_paper/{concept}.csv", concept=versus
     )
+
+
+# Paper Table 6: the sweep's concepts and cells (a cell equal to a Table 1 method is that one).
+SWEEP_CONCEPTS = [
+    c.id for c in CONCEPTS.values() if c.category in STUDY.sweep.categories
+]
+SWEEP_ONLY = list(STUDY.sweep.trained)
+
+
+def sweep_manifests(wildcards):
+    return [
+        f"results/images/{m}/{wildcards.concept}/manifest.parquet" for m in SWEEP_ONLY
+    ]
+
+
+def sweep_judgments():
+    """Every cell's judgments: the sweep's own, and Table 1's for a reused method."""
+    return [
+        f"results/{'judgments' if m in METHODS else 'judgments-sweep'}/{m}/{c}.parquet"
+        for m in STUDY.sweep.cells.values()
+        for c in SWEEP_CONCEPTS
+    ]
+
+
+def table6_figures():
+    return expand("results/figures/table6/{metric}.png", metric=METRICS.values())
 
 
 def all_figures():

@@ -37,33 +37,73 @@ rule erase:
         "../scripts/erase.py"
 
 
-rule erase_group:
-    input:
-        split="results/splits/{concept}.json",
-        model=base_model,
-    output:
-        delta=expand(
-            "results/models/{method}/{{concept}}/delta.safetensors",
-            method=STUDY.grouped,
-        ),
-        record=expand(
-            "results/models/{method}/{{concept}}/train.json", method=STUDY.grouped
-        ),
-    log:
-        "logs/erase/group/{concept}.log",
-    retries: 2
-    conda:
-        "../../envs/train.yaml"
-    resources:
-        gpu=1,
-        runtime=lambda wildcards, attempt: 120 * attempt,
-    params:
-        concept=concept_row,
-        settings={m: STUDY.trained[m].as_params() for m in STUDY.grouped},
-        model=STUDY.model,
-        seed=STUDY.seed,
-        trainer_version=TRAINER_VERSION,
-        runtime=untracked(STUDY.train_runtime),
-        checkpoint_dir="results/.checkpoints/group/{concept}",
-    script:
-        "../scripts/erase.py"
+if STUDY.grouped:
+
+    rule erase_group:
+        input:
+            split="results/splits/{concept}.json",
+            model=base_model,
+        output:
+            delta=expand(
+                "results/models/{method}/{{concept}}/delta.safetensors",
+                method=STUDY.grouped,
+            ),
+            record=expand(
+                "results/models/{method}/{{concept}}/train.json", method=STUDY.grouped
+            ),
+        log:
+            "logs/erase/group/{concept}.log",
+        retries: 2
+        conda:
+            "../../envs/train.yaml"
+        resources:
+            gpu=1,
+            runtime=lambda wildcards, attempt: 120 * attempt,
+        params:
+            concept=concept_row,
+            settings=group_settings(STUDY.grouped),
+            model=STUDY.model,
+            seed=STUDY.seed,
+            trainer_version=TRAINER_VERSION,
+            runtime=untracked(STUDY.train_runtime),
+            checkpoint_dir="results/.checkpoints/group/{concept}",
+        script:
+            "../scripts/erase.py"
+
+
+# Paper Table 6's own cells (a cell equal to a Table 1 method is that method's job).
+if STUDY.sweep_grouped:
+
+    rule erase_sweep:
+        input:
+            split="results/splits/{concept}.json",
+            model=base_model,
+        output:
+            delta=expand(
+                "results/models/{method}/{{concept}}/delta.safetensors",
+                method=STUDY.sweep_grouped,
+            ),
+            record=expand(
+                "results/models/{method}/{{concept}}/train.json",
+                method=STUDY.sweep_grouped,
+            ),
+        log:
+            "logs/erase/sweep/{concept}.log",
+        wildcard_constraints:
+            concept=one_of(SWEEP_CONCEPTS),
+        retries: 2
+        conda:
+            "../../envs/train.yaml"
+        resources:
+            gpu=1,
+            runtime=lambda wildcards, attempt: 240 * attempt,
+        params:
+            concept=concept_row,
+            settings=group_settings(STUDY.sweep_grouped),
+            model=STUDY.model,
+            seed=STUDY.seed,
+            trainer_version=TRAINER_VERSION,
+            runtime=untracked(STUDY.train_runtime),
+            checkpoint_dir="results/.checkpoints/sweep/{concept}",
+        script:
+            "../scripts/erase.py"

@@ -22,3 +22,33 @@ rule judge:
         server_log="logs/judge/{concept}.server.log",
     script:
         "../scripts/judge.py"
+
+
+# Paper Table 6's own cells: judged apart, so they never enter Table 1's judging.
+if SWEEP_ONLY:
+
+    rule judge_sweep:
+        input:
+            sweep_manifests,
+        output:
+            expand(
+                "results/judgments-sweep/{method}/{{concept}}.parquet",
+                method=SWEEP_ONLY,
+            ),
+        log:
+            "logs/judge/sweep/{concept}.log",
+        wildcard_constraints:
+            concept=one_of(SWEEP_CONCEPTS),
+        retries: 2
+        conda:
+            "../../envs/judge.yaml"
+        resources:
+            gpu=1 if STUDY.judge_runtime.serve else 0,
+            runtime=lambda wildcards, attempt: 120 * attempt,
+        params:
+            settings=STUDY.judge.as_params(),
+            runtime=untracked(STUDY.judge_runtime),
+            cache="results/judge_cache/{concept}.sweep.jsonl",
+            server_log="logs/judge/sweep/{concept}.server.log",
+        script:
+            "../scripts/judge.py"

@@ -104,3 +104,37 @@ rule table2_vs_paper:
         paper_concept=lambda wildcards: CONCEPTS[wildcards.concept].text.casefold(),
     script:
         "../scripts/table2_vs_paper.py"
+
+
+rule table6_metrics:
+    input:
+        sweep_judgments(),
+    output:
+        report("results/table6.csv", caption="../report/table6.rst", category="Table 6"),
+    log:
+        "logs/table6.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        cells={name: list(mn) for mn, name in STUDY.sweep.cells.items()},
+    script:
+        "../scripts/table6.py"
+
+
+rule table6_figure:
+    input:
+        "results/table6.csv",
+    output:
+        report(
+            "results/figures/table6/{metric}.png",
+            caption="../report/table6_heatmap.rst",
+            category="Table 6",
+        ),
+    log:
+        "logs/figures/table6/{metric}.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/table6_figure.py"

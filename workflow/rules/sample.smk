@@ -23,3 +23,22 @@ rule sample:
         runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/sample.py"
+
+
+# On demand only (a full pipeline per (method, concept): terabytes at paper scale):
+# `snakemake results/export/crce/cat` writes a folder StableDiffusionPipeline loads.
+rule export:
+    input:
+        delta=trained_delta,
+        model=base_model,
+    output:
+        directory("results/export/{method}/{concept}"),
+    log:
+        "logs/export/{method}/{concept}.log",
+    conda:
+        "../../envs/sample.yaml"
+    params:
+        model=STUDY.model,
+        settings=STUDY.sample.as_params(),
+    script:
+        "../scripts/export.py"
