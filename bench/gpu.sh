@@ -1,30 +1,52 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project, in one run (< 8 min on one H100/H200):
-#   1. erasure iteration time and peak memory, trainer (bf16) vs reference (fp32), SD1.4-size
-#   2. sampling images/s, batched sampler vs batch-1 StableDiffusionPipeline, SD1.4-size, 512 px
-# Starts from a machine with torch but without diffusers: wheels travel in bench/wheels
-# (fill it here with `bench/gpu.sh --fetch-wheels`; the folder is git-ignored, carry it).
-# Results: $OUT/gpu-*.json (or ./bench-out when OUT is unset).
+# Every GPU figure of the project in one run of under 8 minutes (bench/gpu_run.py, one JSON).
+#   bench/gpu.sh --fetch-wheels   here, with the registry: the wheels the GPU machine lacks
+#                                 (bench/gpu-requirements.txt, cp312 manylinux) -> bench/wheels
+#   bench/gpu.sh [--sections S]   on the GPU machine (carry bench/wheels): installs them
+#                                 offline, checks every import, runs; writes $OUT/gpu.json
+#   bench/gpu.sh --rehearse       anywhere: the same run end to end on the CPU, tiny model (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=bench/wheels
-if [[ "${1:-}" == "--fetch-wheels" ]]; then
-  mkdir -p "$WHEELS"
-  pip download -q -d "$WHEELS" --python-version 3.11 --only-binary=:all: \
-    diffusers==0.42.1 transformers==5.24.0 safetensors==0.8.0 accelerate==1.15.0 \
-    pydantic==2.14.4 openai==3.57.0 tenacity==9.2.1 pandas==3.1.1 pyarrow==26.0.1 \
-    tqdm==4.70.1 pyyaml==6.0.4 pillow==13.0.0 numpy==2.4.6
-  exit 0
-fi
+REQUIREMENTS=bench/gpu-requirements.txt
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python -c "import diffusers" 2>/dev/null || pip install -q --no-index --find-links "$WHEELS" \
-  diffusers transformers safetensors accelerate pydantic openai tenacity pandas pyarrow tqdm pyyaml pillow
-pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || pip install -q --no-deps -e .
+
+requirements() { grep -v '^\s*#' "$REQUIREMENTS" | grep -v '^\s*$'; }
+
+case "${1:-}" in
+  --fetch-wheels)
+    rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+    platforms=()
+    for n in $(seq 17 35); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 -d "$WHEELS" \
+      $(requirements)
+    ls "$WHEELS"
+    exit 0
+    ;;
+  --rehearse)
+    shift
+    exec timeout 900 "${PYTHON:-.venv/bin/python}" bench/gpu_run.py --rehearse \
+      --out "$OUT/gpu-rehearsal.json" "$@"
+    ;;
+esac
+
+# On the GPU machine: every carried wheel present, or stop now, naming what lacks.
+missing=()
+for requirement in $(requirements); do
+  name=${requirement%%==*}
+  version=${requirement##*==}
+  wheel=$(echo "${name//-/_}" | tr '[:upper:]' '[:lower:]')
+  compgen -G "$WHEELS/${wheel}-${version}-*.whl" >/dev/null || missing+=("$requirement")
+done
+if ((${#missing[@]})); then
+  echo "bench/gpu.sh: no wheel in $WHEELS for: ${missing[*]}" >&2
+  echo "  run 'bench/gpu.sh --fetch-wheels' where the registry is reachable, and carry $WHEELS" >&2
+  exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/crce-site "$WHEELS"/*.whl
+export PYTHONPATH=/tmp/crce-site:$PWD/src:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-device.txt"
-python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu-device.txt"
-timeout 300 python bench/train_step.py --model sd14 --device cuda --iterations 10 --ddim-steps 50 \
-  --json "$OUT/gpu-train-step.json" 2>&1 | tee "$OUT/gpu-train-step.log" | grep '^{'
-timeout 150 python bench/sample.py --model sd14 --device cuda --images 64 --batch-size 32 --steps 50 \
-  --baseline-images 8 --rounds 2 --json "$OUT/gpu-sample.json" 2>&1 | tee "$OUT/gpu-sample.log" | grep '^{'
+exec timeout 480 python3 bench/gpu_run.py --out "$OUT/gpu.json" "$@"

@@ -37,7 +37,7 @@ from sd14 import build_sd14_size_pipeline  # noqa: E402
 
 from crce.erase import Eraser  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
-from crce.settings import SphereSettings, TrainSettings  # noqa: E402
+from crce.settings import SphereSettings, TrainRuntime, TrainSettings  # noqa: E402
 from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 # The paper study's methods (config/config.yaml) with their M, N and anchors.
@@ -82,9 +82,11 @@ class Sides:
                 for m in methods
             }  # fmt: skip
             groups = [settings] if args.grouped else [{m: s} for m, s in settings.items()]
+            runtime = TrainRuntime(compile=getattr(args, "compile", False))
             for group in groups:
                 pipe = load_pipeline(path, dtype=dtype, device=device)
-                self.steps.append(Eraser(pipe, group, "cat", split(), seed=0).step)
+                eraser = Eraser(pipe, group, "cat", split(), seed=0, runtime=runtime)
+                self.steps.append(eraser.step)
         else:
             for m in methods:
                 pipe = load_pipeline(path, device=device)
@@ -118,11 +120,19 @@ def cpu_memory(path, methods, args):
     return peaks
 
 
+def in_time(args, times) -> bool:
+    """Go on while under the deadline (if any), but measure at least two iterations."""
+    deadline = getattr(args, "deadline", None)
+    return deadline is None or time.monotonic() < deadline or len(times) < 2
+
+
 def measure_cpu(path, methods, args):
     device = torch.device("cpu")
     sides = {s: Sides(path, methods, args, device, s) for s in ("trainer", "reference")}
     times = {"trainer": [], "reference": []}
     for k in range(args.iterations + 2):
+        if k > 2 and not in_time(args, times["reference"]):
+            break
         for name, side in sides.items():  # alternated, same iteration k: same rollouts
             start = time.perf_counter()
             side.step(k)
@@ -142,6 +152,8 @@ def measure_gpu(path, methods, args):
         torch.cuda.reset_peak_memory_stats()
         times[name] = []
         for k in range(args.iterations):
+            if not in_time(args, times[name]):
+                break
             start = time.perf_counter()
             side.step(k)
             sync(device)

@@ -1,11 +1,15 @@
 """A fake OpenAI-compatible server for tests (the boundary that stands in for OpenAI/vLLM).
 
 Run: python tests/fake_openai_server.py --port P --model NAME [--script FILE] [--die-after N]
+     [--chat]
 
 Chat requests without an image get coref/retain lists; with an image, a vLLM-shaped yes/no
 answer with logprobs. `--script` names a JSON list of behaviours for successive list requests
 (good, malformed, fenced, short, duplicates, target, overlap, error500, slow, error429);
-when it runs out, answers are good. Requests vLLM would reject get a 400.
+when it runs out, answers are good. Requests vLLM would reject get a 400. With --chat the judge
+answers like most chat APIs ("Yes.", "No, the image shows something else.", sometimes "I
+cannot tell."; an image whose hash ends in 1 is never readable) and, like OpenAI's own API,
+rejects vLLM's `structured_outputs` field.
 """
 
 from __future__ import annotations
@@ -57,7 +61,15 @@ def p_yes(image: bytes, question: str) -> float:
 
 
 class State:
-    def __init__(self, model: str, script: list[str], die_after: int | None, latency: float = 0.0):
+    def __init__(
+        self,
+        model: str,
+        script: list[str],
+        die_after: int | None,
+        latency: float = 0.0,
+        chat: bool = False,
+    ):
+        self.chat = chat
         self.latency = latency
         self.model = model
         self.script = list(script)
@@ -152,6 +164,10 @@ def make_handler(state: State):
                 )
             if "guided_choice" in body:
                 return self._error(400, "guided_choice was removed; use structured_outputs")
+            if state.chat and "structured_outputs" in body:
+                return self._error(
+                    400, "Unrecognized request argument supplied: structured_outputs"
+                )
             choice = (body.get("structured_outputs") or {}).get("choice")
             with state.lock:
                 state.judge_requests += 1
@@ -160,8 +176,16 @@ def make_handler(state: State):
                 os._exit(1)  # a crash mid-run, as a dying vLLM would
             time.sleep(state.latency)  # a model's time per request
             image = base64.b64decode(url.split(";base64,", 1)[1])
+            asked_again = "one word" in question
+            question = question.split(" Answer with one word")[0]
             p = min(max(p_yes(image, question), 1e-6), 1 - 1e-6)
             answer = "yes" if p >= 0.5 else "no"
+            if state.chat:
+                kind = hashlib.sha256(image).digest()[-1] % 10
+                if kind == 1 or (kind == 2 and not asked_again):
+                    return self._send(200, completion(state.model, "I cannot tell."))
+                text = "Yes." if answer == "yes" else "No, the image shows something else."
+                answer = text
             if choice and answer not in choice:
                 answer = choice[0]
             logprobs = None
@@ -208,12 +232,13 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, help="exit after this many judge requests")
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per judge request")
+    parser.add_argument("--chat", action="store_true", help="answer like a chat API")
     args = parser.parse_args()
     script = json.load(open(args.script)) if args.script else []
     time.sleep(args.startup_delay)
     server = ThreadingHTTPServer(
         ("127.0.0.1", args.port),
-        make_handler(State(args.model, script, args.die_after, args.latency)),
+        make_handler(State(args.model, script, args.die_after, args.latency, args.chat)),
     )
     server.serve_forever()
 

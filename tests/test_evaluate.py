@@ -376,3 +376,41 @@ def test_an_exported_folder_draws_the_samplers_images(tiny_model, cat_split, tmp
     sample_images(base, plan.head(4), base_image, **kw)  # the delta changed the images
     first = plan["path"].iloc[0]
     assert (base_image / first).read_bytes() != (tmp_path / "ours" / first).read_bytes()
+
+
+def test_a_judge_behind_a_plain_chat_api(tmp_path):
+    """A server that answers like most chat APIs and rejects vLLM's fields: with
+    structured_output none, "Yes." and "No, ..." are read by their first word, an unreadable
+    answer is asked once more, and one that stays unreadable is an `invalid` row, counted."""
+    import openai
+
+    manifests = [_manifest(tmp_path, "sd", n=40)]
+    outputs = [str(tmp_path / "j" / "sd.parquet")]
+    chat = RUNTIME.model_copy(update={"serve": SERVE + " --chat"})
+    with pytest.raises(openai.BadRequestError, match="structured_outputs"):
+        judge_manifests(manifests, outputs, settings=JUDGE, runtime=chat,
+                        cache_path=tmp_path / "vllm.jsonl", progress=False)  # fmt: skip
+    plain = JUDGE.model_copy(update={"structured_output": "none"})
+    judge_manifests(manifests, outputs, settings=plain, runtime=chat,
+                    cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
+    frame = pd.read_parquet(outputs[0])
+    assert len(frame) == 40 and set(frame["answer"]) <= {"yes", "no", "invalid"}
+    readable = frame[frame["answer"] != "invalid"]
+    assert {"Yes.", "No, the image shows something else."} <= set(readable["raw_answer"])
+    assert ((readable["raw_answer"] == "Yes.") == (readable["answer"] == "yes")).all()
+    invalid = frame[frame["answer"] == "invalid"]
+    assert len(invalid) > 0 and set(invalid["raw_answer"]) == {"I cannot tell."}
+    assert invalid["p_yes"].isna().all()
+    # The numbers behind the table: accuracy over readable answers, invalid counted apart.
+    frame["concept"], frame["category"] = "cat", "object"
+    metrics = compute_metrics(frame, {"sd": "SD"})
+    assert metrics["n"].sum() == len(readable) and metrics["n_invalid"].sum() == len(invalid)
+
+
+def test_a_judge_answer_is_read_by_its_first_word():
+    from crce.judge import read_answer
+
+    assert read_answer("Yes.") == "yes" and read_answer(" no, it is a dog") == "no"
+    assert read_answer("YES") == "yes" and read_answer("**No**") == "no"
+    assert read_answer("I cannot tell.") is None and read_answer("") is None
+    assert read_answer("Nope") is None  # a first word, not a prefix

@@ -110,7 +110,10 @@ def test_a_new_judge_prompt_rejudges_only(test_world):
 
 
 def test_a_new_split_size_resplits_without_new_lists(test_world):
-    plan = test_world.plan(split={"n_train": 9})
+    # (The Table 6 grid draws up to 10 items: it must shrink with the split, or the config
+    # is refused before any job.)
+    sweep = {"n_corefs": [1, 3], "n_retains": [1, 3], "categories": ["object"], "method": "crce"}
+    plan = test_world.plan(split={"n_train": 9}, sweep=sweep)
     assert "coref_lists" not in plan
     assert plan["split"] == 4 and plan["erase"] == 28 and plan["sample"] == 32
     assert plan["clip_distances"] == 4 and plan["judge"] == 4

@@ -218,6 +218,7 @@ RESULT_KEYS = {
     "sample.images_per_prompt", "sample.steps", "sample.guidance", "sample.resolution",
     "sample.precision", "sample.scheduler",
     "judge.model", "judge.prompt", "judge.prompt_version", "judge.retain_question",
+    "judge.structured_output",
 }  # fmt: skip
 RUNTIME_KEYS = {
     "llm.base_url", "llm.api_key_env", "llm.serve", "llm.startup_timeout", "llm.timeout",

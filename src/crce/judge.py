@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -45,8 +46,10 @@ def question_text(template: str, concept: str) -> str:
     return template.replace("<X>", concept)
 
 
-def cache_key(sha: str, question: str, model: str, prompt_version: str) -> str:
-    return json.dumps([sha, question, model, prompt_version])
+def cache_key(sha: str, question: str, settings: JudgeSettings) -> str:
+    """What makes an answer: the image, the question, the judge, its prompt and answer mode."""
+    mode = [] if settings.structured_output == "choice" else [settings.structured_output]
+    return json.dumps([sha, question, settings.model, settings.prompt_version, *mode])
 
 
 class JudgmentCache:
@@ -92,9 +95,25 @@ def p_yes_from(choice) -> float | None:
     return mass["yes"] / total if total > 0 else None
 
 
-def request_body(model: str, image_path: str | Path, question: str) -> dict:
+REASK = " Answer with one word: yes or no."
+INVALID = "invalid"  # an answer that stayed unreadable after one re-ask: counted, never dropped
+
+
+def read_answer(text: str | None) -> str | None:
+    """yes or no from a chat answer's first word, case and punctuation aside ("Yes.",
+    "No, the image shows ..."); None when the first word is neither."""
+    words = re.findall(r"[a-z]+", (text or "").lower())
+    return words[0] if words and words[0] in CHOICES else None
+
+
+def request_body(
+    model: str, image_path: str | Path, question: str, structured: bool = True
+) -> dict:
+    """One yes/no question about one image. `structured`: vLLM's constrained choice (one token
+    is the whole answer); else a plain chat request (any OpenAI-compatible API) with room for
+    "Yes." or "No, ...", read by its first word."""
     encoded = base64.b64encode(Path(image_path).read_bytes()).decode()
-    return {
+    body = {
         "model": model,
         "messages": [
             {
@@ -105,13 +124,14 @@ def request_body(model: str, image_path: str | Path, question: str) -> dict:
                 ],
             }
         ],
-        "max_tokens": 1,
+        "max_tokens": 1 if structured else 8,
         "temperature": 0.0,
         "logprobs": True,
         "top_logprobs": 20,
-        # vLLM's constrained decoding (guided_choice was removed in vLLM 0.12).
-        "extra_body": {"structured_outputs": {"choice": CHOICES}},
     }
+    if structured:  # vLLM's constrained decoding (guided_choice was removed in vLLM 0.12)
+        body["extra_body"] = {"structured_outputs": {"choice": CHOICES}}
+    return body
 
 
 async def _judge_rows(
@@ -132,7 +152,9 @@ async def _judge_rows(
     semaphore = asyncio.Semaphore(runtime.concurrency)
     bar = tqdm(total=len(rows), disable=not progress, unit="img")
 
-    async def one(row: dict) -> None:
+    structured = settings.structured_output == "choice"
+
+    async def ask(row: dict, question: str):
         async with semaphore:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TRANSIENT),
@@ -141,19 +163,26 @@ async def _judge_rows(
                 reraise=True,
             ):
                 with attempt:
-                    response = await client.chat.completions.create(
-                        **request_body(settings.model, row["path"], row["question_text"])
+                    return await client.chat.completions.create(
+                        **request_body(settings.model, row["path"], question, structured)
                     )
-        choice = response.choices[0]
-        answer = (choice.message.content or "").strip().lower()
-        if answer not in CHOICES:
-            raise ValueError(f"judge answered {answer!r} for {row['path']}; expected yes/no")
-        p_yes = p_yes_from(choice)
+
+    async def one(row: dict) -> None:
+        choice = (await ask(row, row["question_text"])).choices[0]
+        raw = choice.message.content
+        answer = read_answer(raw)
+        if answer is None:  # once more, asking for the one word
+            choice = (await ask(row, row["question_text"] + REASK)).choices[0]
+            raw, answer = choice.message.content, read_answer(choice.message.content)
+        if answer is None:
+            log.warning("unreadable judge answer %r for %s: recorded as invalid", raw, row["path"])
+        p_yes = p_yes_from(choice) if answer else None
         cache.add(
             {
                 "key": row["key"],
-                "answer": answer,
-                "p_yes": p_yes if p_yes is not None else float(answer == "yes"),
+                "answer": answer or INVALID,
+                "p_yes": p_yes if p_yes is not None or not answer else float(answer == "yes"),
+                "raw_answer": raw,
                 "judge_model": settings.model,
                 "prompt_version": settings.prompt_version,
             }
@@ -193,7 +222,7 @@ def judge_manifests(
         question_text(settings.prompt, q) for q in everything["question"]
     ]
     everything["key"] = [
-        cache_key(sha, q, settings.model, settings.prompt_version)
+        cache_key(sha, q, settings)
         for sha, q in zip(everything["image_sha256"], everything["question_text"], strict=True)
     ]
     cache = JudgmentCache(cache_path)

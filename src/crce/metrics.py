@@ -26,12 +26,14 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def compute_metrics(judgments: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
-    """One row per (method, concept, group): accuracy = share of 'yes' answers."""
+    """One row per (method, concept, group): accuracy = share of 'yes' among the readable
+    answers; answers the judge left unreadable are counted apart (`n_invalid`), not dropped."""
     rows = []
     keys = ["method", "concept", "category", "group"]
     for (method, concept, category, group), frame in judgments.groupby(keys, sort=False):
-        yes = int((frame["answer"] == "yes").sum())
-        n = len(frame)
+        valid = frame[frame["answer"].isin(["yes", "no"])]
+        yes = int((valid["answer"] == "yes").sum())
+        n = len(valid)
         low, high = wilson(yes, n)
         rows.append(
             {
@@ -42,10 +44,11 @@ def compute_metrics(judgments: pd.DataFrame, labels: dict[str, str]) -> pd.DataF
                 "group": group,
                 "metric": METRICS[group],
                 "n": n,
-                "accuracy": yes / n,
+                "n_invalid": len(frame) - n,
+                "accuracy": yes / n if n else math.nan,
                 "ci_low": low,
                 "ci_high": high,
-                "mean_p_yes": float(frame["p_yes"].mean()),
+                "mean_p_yes": float(valid["p_yes"].mean()),
             }
         )
     return pd.DataFrame(rows)
@@ -117,6 +120,7 @@ def run(
     table_out: str,
     markdown_out: str,
     paper_out: str,
+    invalid_out: str,
 ) -> None:
     """The `metrics` rule: inputs are exactly the configured methods x the sheet's concepts;
     `labels` maps each method to its Table 1 row label, in config order."""
@@ -126,8 +130,31 @@ def run(
     metrics.to_parquet(metrics_out, index=False)
     table = table1(metrics, list(labels), labels)
     table.to_csv(table_out, index=False, float_format="%.2f")
-    Path(markdown_out).write_text(markdown(table))
+    invalid = invalid_answers(metrics, labels)
+    note = ""
+    if invalid["invalid"].sum():
+        worst = invalid.sort_values("share", ascending=False).iloc[0]
+        note = (f"\nUnreadable judge answers (after one re-ask; not in the accuracies): "
+                f"{int(invalid['invalid'].sum())} in all, most for {worst['method']} "
+                f"({worst['category']}: {worst['share']:.1%}); results/judge_invalid.csv.\n")  # fmt: skip
+    Path(markdown_out).write_text(markdown(table) + note)
     versus_paper(table).to_csv(paper_out, index=False, float_format="%.2f")
+    invalid.to_csv(invalid_out, index=False, float_format="%.4f")
+
+
+def invalid_answers(metrics: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """Per method and category: images judged, answers left unreadable, and their share."""
+    counts = metrics.groupby(["method", "category"])[["n", "n_invalid"]].sum().reset_index()
+    images = counts["n"] + counts["n_invalid"]
+    return pd.DataFrame(
+        {
+            "method": counts["method"].map(labels),
+            "category": counts["category"],
+            "images": images,
+            "invalid": counts["n_invalid"],
+            "share": counts["n_invalid"] / images,
+        }
+    )
 
 
 def table2_versus_paper(distances: pd.DataFrame, concept: str) -> pd.DataFrame:

@@ -293,6 +293,9 @@ class JudgeSettings(_Settings):
     prompt_version: str
     # <X> for retain images: the retain's own text (is it still drawn?) or the target.
     retain_question: Literal["retain", "target"] = "retain"
+    # choice: vLLM's constrained yes/no; none: a plain chat request (any OpenAI-compatible
+    # API), its answer read by its first word, re-asked once, else recorded as invalid.
+    structured_output: Literal["choice", "none"] = "choice"
 
 
 class JudgeRuntime(_Settings):

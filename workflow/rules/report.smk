@@ -15,6 +15,8 @@ rule metrics:
             caption="../report/table1_vs_paper.rst",
             category="Table 1",
         ),
+        # Judge answers unreadable after one re-ask, per method and category.
+        invalid="results/judge_invalid.csv",
     log:
         "logs/metrics.log",
     localrule: True

@@ -10,4 +10,5 @@ with job_log(snakemake.log[0]):
         table_out=out.table,
         markdown_out=out.markdown,
         paper_out=out.paper,
+        invalid_out=out.invalid,
     )
