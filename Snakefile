@@ -25,6 +25,7 @@ include: "workflow/rules/download.smk"
 rule all:
     input:
         "results/table1.csv",
+        "results/retains_by_distance.csv",
         all_figures(),
         all_clip_distances(),
 
@@ -58,6 +59,7 @@ rule judgments:
 rule table1:
     input:
         "results/table1.csv",
+        "results/retains_by_distance.csv",
         all_figures(),
 
 

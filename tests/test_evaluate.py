@@ -414,3 +414,32 @@ def test_a_judge_answer_is_read_by_its_first_word():
     assert read_answer("YES") == "yes" and read_answer("**No**") == "no"
     assert read_answer("I cannot tell.") is None and read_answer("") is None
     assert read_answer("Nope") is None  # a first word, not a prefix
+
+
+def test_retains_split_by_distance_to_the_target():
+    from crce.metrics import retains_by_distance
+
+    distances = pd.DataFrame(
+        [
+            {"id": "cat", "group": "retain_train", "text": t, "cosine": c}
+            for t, c in (("tiger", 0.9), ("lynx", 0.8), ("truck", 0.3), ("cloud", 0.2))
+        ]
+        + [{"id": "cat", "group": "coref_train", "text": "kitty", "cosine": 0.95}]
+    )
+    rows = []
+    for method, answers in (("sd", "yyyy"), ("esd-x", "nnyy"), ("crce", "ynyy")):
+        for text, a in zip(("tiger", "lynx", "truck", "cloud"), answers, strict=True):
+            rows += judged(method, "cat", "object", "retain_test", ["yes" if a == "y" else "no"])
+            rows[-1]["prompt"] = text
+    rows += judged("sd", "cat", "object", "coref_train", ["yes"])
+    rows[-1]["prompt"] = "kitty"
+    table = retains_by_distance(
+        pd.DataFrame(rows), distances, {"sd": "SD", "esd-x": "ESD-x", "crce": "CRCE"}
+    ).set_index("method")
+    assert list(table.index) == ["SD", "ESD-x", "CRCE"]
+    assert table.loc["SD", "Acc_R_close"] == 100.0 and table.loc["SD", "Acc_R_far"] == 100.0
+    assert table.loc["ESD-x", "Acc_R_close"] == 0.0 and table.loc["ESD-x", "Acc_R_far"] == 100.0
+    assert (
+        table.loc["CRCE", "Acc_R_close"] == 50.0 and table.loc["CRCE", "close_minus_far"] == -50.0
+    )
+    assert table.loc["ESD-x", "images_close"] == 2 and table.loc["ESD-x", "images_far"] == 2

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 TRAINED = [m for m, spec in CONFIG["methods"].items() if spec["strategy"] != "none"]
 ITERATIVE = [m for m in TRAINED if CONFIG["methods"][m]["strategy"] != "uce"]
-AGGREGATES = {"metrics": 1, "category_figure": 3, "all": 1}  # 3 categories in the test sheet
+# metrics, Table 1's figures (3 categories in the test sheet), retains close/far, the target
+AGGREGATES = {"metrics": 1, "category_figure": 3, "retains_by_distance": 1, "all": 1}
 
 
 def test_table1_has_one_row_per_method_in_the_papers_layout(test_world):
@@ -76,7 +77,7 @@ def test_adding_a_row_plans_only_that_concept(test_world):
         "clip_distances": 1,
         "table2_vs_paper": 1,  # dog: the paper printed its Table 2
     }
-    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 26}
+    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 27}
     splits = test_world.work / "results" / "splits"
     before = {p.name: p.stat().st_mtime_ns for p in splits.glob("*.json")}
     result = snakemake(test_world.work, "splits", *test_world.args(sheet=extended))
@@ -95,18 +96,18 @@ def test_a_new_learning_rate_retrains_every_method_and_nothing_upstream(test_wor
         "judge": 4,
         "concept_figure": 4,
         **AGGREGATES,
-        "total": 53,
+        "total": 54,
     }
 
 
 def test_new_sampling_steps_resample_and_rejudge_without_retraining(test_world):
     plan = test_world.plan(sample={"steps": 4})
-    assert plan == {"sample": 32, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 45}
+    assert plan == {"sample": 32, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 46}
 
 
 def test_a_new_judge_prompt_rejudges_only(test_world):
     prompt = "Does the image show <X>? Answer yes or no."
-    assert test_world.plan(judge={"prompt": prompt}) == {"judge": 4, **AGGREGATES, "total": 9}
+    assert test_world.plan(judge={"prompt": prompt}) == {"judge": 4, **AGGREGATES, "total": 10}
 
 
 def test_a_new_split_size_resplits_without_new_lists(test_world):
@@ -127,7 +128,7 @@ def test_one_methods_override_reruns_that_method_only(test_world):
         "judge": 4,  # a concept's judge job judges all its methods (from its cache)
         "concept_figure": 4,
         **AGGREGATES,
-        "total": 21,
+        "total": 22,
     }
 
 

@@ -126,6 +126,22 @@ def test_toy_text_space_keeps_synonyms_closer_than_other_shapes():
                 assert same > (own[0] @ theirs.T).max(), (shape, other)
         # ...and synonyms are not one vector (a jointly trained encoder collapsed them).
         assert (own[0] @ own[1:].T).max() < 0.99, shape
+    # A close relative (oval for circle) sits nearer than the unrelated shapes, as cat does to
+    # dog in CLIP: the geometry behind over-erased retains.
+    unit = {s: torch.nn.functional.normalize(c, dim=1) for s, c in contexts.items()}
+    for shape in world.shapes():
+        for relative in world.relatives(shape):
+            near = (unit[shape] @ unit[relative].T).mean()
+            far = max((unit[shape] @ unit[o].T).mean() for o in world.shapes()
+                      if o not in (shape, relative, *world.relatives(shape)))  # fmt: skip
+            assert near > far, (shape, relative, near.item(), far.item())
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+def test_a_toy_concepts_retains_lead_with_its_close_relatives(shape):
+    retains = [i["text"] for i in world.concept_lists(shape)["retains"]]
+    close = {world.shape_of(t) for t in retains[:4]}
+    assert close == set(world.relatives(shape)) and len(retains) == 15
 
 
 @pytest.mark.slow

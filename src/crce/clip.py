@@ -50,6 +50,7 @@ def text_distances(pipe, split: Split) -> pd.DataFrame:
         rows.append(
             {
                 "concept": split.concept,
+                "id": split.id,
                 "group": group,
                 "text": text,
                 "certainty": certainty,

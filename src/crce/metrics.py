@@ -208,3 +208,51 @@ def run_table6(judgments: list[str], cells: dict[str, list[int]], output: str) -
     frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
     table = table6(frames, {m: tuple(mn) for m, mn in cells.items()})
     table.to_csv(output, index=False, float_format="%.2f")
+
+
+def retains_by_distance(
+    judgments: pd.DataFrame, distances: pd.DataFrame, labels: dict[str, str]
+) -> pd.DataFrame:
+    """Acc_R apart for a concept's close and far retains: "close" are the retains nearer the
+    target than the median of its retains in the text space (Table 2's pooled cosine), so the
+    same split works for dog and cat at paper scale and for the toy world's oval and circle.
+    Per method and category: means over concepts, in percent, as Table 1."""
+    retains = distances[distances["group"].str.startswith("retain")].copy()
+    median = retains.groupby("id")["cosine"].transform("median")
+    retains["closeness"] = (retains["cosine"] > median).map({True: "close", False: "far"})
+    judged = judgments[judgments["group"].str.startswith("retain")]
+    judged = judged[judged["answer"].isin(["yes", "no"])].merge(
+        retains[["id", "text", "closeness"]],
+        left_on=["concept", "prompt"],
+        right_on=["id", "text"],
+        how="inner",
+    )
+    judged["yes"] = judged["answer"] == "yes"
+    per_concept = judged.groupby(["method", "concept", "category", "closeness"])["yes"].mean()
+    means = (per_concept.groupby(["method", "category", "closeness"]).mean() * 100).round(2)
+    counts = judged.groupby(["method", "category", "closeness"]).size()
+    rows = []
+    for method in method_order(list(labels), labels):
+        for category in [c for c in CATEGORIES if c in set(judged["category"])]:
+            close = means.get((method, category, "close"), math.nan)
+            far = means.get((method, category, "far"), math.nan)
+            rows.append(
+                {
+                    "method": labels[method],
+                    "category": category,
+                    "Acc_R_close": close,
+                    "Acc_R_far": far,
+                    "close_minus_far": round(close - far, 2),
+                    "images_close": int(counts.get((method, category, "close"), 0)),
+                    "images_far": int(counts.get((method, category, "far"), 0)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def run_retains_by_distance(
+    *, judgments: list[str], distances: list[str], labels: dict[str, str], output: str
+) -> None:
+    frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
+    table = pd.concat([pd.read_csv(p) for p in distances], ignore_index=True)
+    retains_by_distance(frames, table, labels).to_csv(output, index=False, float_format="%.2f")

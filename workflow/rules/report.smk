@@ -140,3 +140,24 @@ rule table6_figure:
         "../../envs/report.yaml"
     script:
         "../scripts/table6_figure.py"
+
+
+rule retains_by_distance:
+    input:
+        judgments=all_judgments(),
+        distances=expand("results/clip_distances/{concept}.csv", concept=CONCEPTS),
+    output:
+        report(
+            "results/retains_by_distance.csv",
+            caption="../report/retains_by_distance.rst",
+            category="Table 1",
+        ),
+    log:
+        "logs/retains_by_distance.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        labels=STUDY.labels,
+    script:
+        "../scripts/retains_by_distance.py"

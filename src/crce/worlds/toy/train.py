@@ -69,10 +69,16 @@ def structure_text_space(text_encoder, tokenizer, seed: int) -> None:
     Synonyms then sit closer to each other than to other shapes, as in a real text encoder;
     colours and "a" get their own directions. The encoder stays frozen at this init.
     """
-    share = ontology()["text_space"]["synonym_share"]
+    space = ontology()["text_space"]
+    share, related = space["synonym_share"], space["relative_share"]
     hidden = text_encoder.config.hidden_size
     g = torch.Generator().manual_seed(seed + 17)
     shape_direction = {s: torch.randn(hidden, generator=g) for s in shapes()}
+    for shape, spec in ontology()["shapes"].items():  # a relative shares part of its direction
+        if spec.get("relative"):
+            own = shape_direction[shape]
+            shape_direction[shape] = related**0.5 * shape_direction[spec["relative"]]
+            shape_direction[shape] += (1 - related) ** 0.5 * own
     table = text_encoder.get_input_embeddings().weight
     vocab = tokenizer.get_vocab()
     for word in vocabulary():
@@ -216,7 +222,7 @@ def train_world(out: str | Path, *, seed: int = 0, quick: bool = False) -> dict:
     plan = dict(
         images=2_000 if quick else 30_000,
         vae_steps=30 if quick else 800,
-        unet_steps=30 if quick else 3_000,
+        unet_steps=30 if quick else 3_600,  # 8 shapes (oval and diamond added): +20%
         classifier_steps=30 if quick else 1_200,
         batch=32,
         unet_lr=1e-3,

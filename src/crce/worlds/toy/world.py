@@ -57,6 +57,11 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     if kind == "square":
         k = r * 0.8
         return rot([(-k, -k), (k, -k), (k, k), (-k, k)])
+    if kind == "diamond":  # a rhombus standing on a corner: taller than wide, not a square
+        return rot([(0, -r), (r * 0.7, 0), (0, r), (-r * 0.7, 0)])
+    if kind == "oval":  # an ellipse lying down, half as tall as wide
+        steps = [2 * math.pi * i / 64 for i in range(64)]
+        return rot([(r * math.cos(t), r * 0.55 * math.sin(t)) for t in steps])
     if kind == "triangle":
         return rot(
             [
@@ -105,6 +110,17 @@ def render(shape: str, colour: str, rng: random.Random) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.LANCZOS))
 
 
+def relatives(shape: str) -> list[str]:
+    """The shapes close to `shape`: its `relative`, and the shapes whose relative it is."""
+    specs = ontology()["shapes"]
+    return [
+        other
+        for other, spec in specs.items()
+        if other != shape
+        and (spec.get("relative") == shape or specs[shape].get("relative") == other)
+    ]
+
+
 def held_out_pairs() -> set[tuple[str, str]]:
     return {(c, n) for spec in ontology()["shapes"].values() for c, n in spec["held_out"]}
 
@@ -146,9 +162,15 @@ def concept_lists(concept: str) -> dict:
     held = [f"{c} {n}" for c, n in spec["held_out"]]
     seen = [f"{c} {n}" for c in colours() for n in names[1:] if (c, n) not in held_out_pairs()]
     corefs = names[1:] + [f"a {n}" for n in names[1:]] + seen[:4] + held
-    others = [s for s in shapes() if s != concept]
-    retains = others + [ontology()["shapes"][s]["names"][1] for s in others]
-    retains += [f"{colours()[i % 5]} {s}" for i, s in enumerate(others)]
+    # Retains, most certain first: the close relatives (oval for circle), by two names and in
+    # two colours, as an LLM would list them, then the other shapes and their second names.
+    close = relatives(concept)
+    near = [n for r in close for n in ontology()["shapes"][r]["names"][:2]]
+    near += [f"{colours()[i % 5]} {r}" for i, r in enumerate(close * 2)]
+    others = [s for s in shapes() if s != concept and s not in close]
+    far = others + [ontology()["shapes"][s]["names"][1] for s in others]
+    far += [f"{colours()[i % 5]} {s}" for i, s in enumerate(others)]
+    retains = (near + far)[: len(LEVELS)]
     return {
         "corefs": [
             {"text": t, "certainty": lv.value} for t, lv in zip(corefs, LEVELS, strict=True)
