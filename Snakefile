@@ -20,6 +20,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/judge.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/download.smk"
+include: "workflow/rules/quality.smk"
 
 
 rule all:
@@ -68,6 +69,12 @@ rule table6:
     input:
         "results/table6.csv",
         table6_figures(),
+
+
+# Beyond Table 1: what erasure costs the model (collateral damage, general quality).
+rule quality_report:
+    input:
+        "results/quality.csv",
 
 
 # Login node, before a cluster run: model weights and the CorefConcept files.

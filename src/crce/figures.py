@@ -93,3 +93,22 @@ def table6_heatmap(table_path: str, metric: str, output: str) -> None:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def quality_bars(table: pd.DataFrame, output: str) -> None:
+    """One panel per quality metric: a bar per method (and scope), with its spread."""
+    metrics = list(dict.fromkeys(table["metric"])) or ["(none)"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        rows = table[table["metric"] == metric]
+        names = [
+            f"{m}\n{s}" if s != "coco" else m
+            for m, s in zip(rows["method"], rows["scope"], strict=True)
+        ]
+        ax.bar(range(len(rows)), rows["value"], yerr=rows["spread"].fillna(0), capsize=3)
+        ax.set_xticks(range(len(rows)), names, rotation=60, fontsize=6)
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)

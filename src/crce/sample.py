@@ -151,24 +151,17 @@ def sample_images(
     return {"sampled": len(todo), "seconds": elapsed}
 
 
-def run(
+def draw(
+    plan: pd.DataFrame,
+    manifest: str | Path,
     *,
-    split_path: str,
-    method: str,
     settings: SampleSettings,
     runtime: SampleRuntime,
     model: str,
-    seed: int,
     delta: str | None,
-    manifest: str,
-) -> None:
-    """The `sample` rule."""
-    from .lists import read_split
-
-    split = read_split(split_path)
-    plan = plan_images(
-        split, method=method, seed=seed, images_per_prompt=settings.images_per_prompt
-    )
+) -> pd.DataFrame:
+    """Sample every image of `plan` beside `manifest` (resumable; a folder made with other
+    settings is cleared first), then write the manifest with absolute paths."""
     folder = Path(manifest).parent
     fingerprint = {
         "model": model,
@@ -192,7 +185,7 @@ def run(
         resolution=settings.resolution,
         batch_size=runtime.batch_size,
     )
-    plan["path"] = [str(folder / p) for p in plan["path"]]
+    plan = plan.assign(path=[str(folder / p) for p in plan["path"]])
     plan.to_parquet(manifest, index=False)
     if stats["sampled"]:
         log.info(
@@ -201,3 +194,25 @@ def run(
             stats["seconds"],
             stats["sampled"] / stats["seconds"],
         )
+    return plan
+
+
+def run(
+    *,
+    split_path: str,
+    method: str,
+    settings: SampleSettings,
+    runtime: SampleRuntime,
+    model: str,
+    seed: int,
+    delta: str | None,
+    manifest: str,
+) -> None:
+    """The `sample` rule: Table 1's 31 prompts x images_per_prompt."""
+    from .lists import read_split
+
+    split = read_split(split_path)
+    plan = plan_images(
+        split, method=method, seed=seed, images_per_prompt=settings.images_per_prompt
+    )
+    draw(plan, manifest, settings=settings, runtime=runtime, model=model, delta=delta)

@@ -308,6 +308,56 @@ class JudgeRuntime(_Settings):
     max_retries: int = 4
 
 
+# -- beyond Table 1 (quality, robustness, the judge audit) --------------------------------
+class FeatureSettings(_Settings):
+    """The image (and text) embedding of the quality and audit targets: a CLIP model, or the
+    toy world's shape classifier (its penultimate layer; no text tower, so no CLIP score)."""
+
+    kind: Literal["clip", "toy"] = "clip"
+    pretrained: str = "openai/clip-vit-large-patch14"
+
+
+class FeatureRuntime(_Settings):
+    device: str = "auto"
+    batch_size: int = 64
+
+
+class QualitySettings(_Settings):
+    """General quality on neutral prompts and collateral damage on retain images."""
+
+    # CSV with a `prompt` column: a URL (fetched by `download`) or a local file.
+    prompts: str
+    prompts_sha256: str | None = None
+    per_concept: int = 100  # neutral prompts each concept's model draws (fixed-seed subset)
+    seed: int = 0
+    real_images: str | None = None  # a folder of real images to compare with, optional
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+
+class RobustnessSettings(_Settings):
+    """Prompts that depict the target without naming it: from the LLM (K per concept, none
+    containing the target's name or a coref's text) and/or templates over the target and its
+    test corefs; judged exactly as Table 1's target images."""
+
+    llm_prompts: int = 10  # K; 0 asks the LLM nothing
+    templates: list[str] = ["a photo of {}", "a painting of {}", "a drawing of {}"]
+    prompt_version: str = "robust-v1"
+    curated_dir: str | None = None  # resources/robustness/{concept}.json, wins over the LLM
+
+
+class AuditSettings(_Settings):
+    """How far to trust the judge: a second judge on the same images, and a sheet for humans."""
+
+    # clip: a zero-shot CLIP classifier; renders: the judge's accuracy on labelled renders
+    # (the toy world, where no trained CLIP exists).
+    second_judge: Literal["clip", "renders"] = "clip"
+    template: str = "a photo of {}"
+    per_concept: int = 8  # images per concept on the human audit sheet
+    seed: int = 0
+    renders: int = 200  # labelled renders per concept (second_judge: renders)
+
+
 def split_known(model: type[_Settings], section: dict) -> tuple[dict, dict]:
     """A config section's keys of `model`, and the rest."""
     known = {k: v for k, v in section.items() if k in model.model_fields}
@@ -378,3 +428,10 @@ class Study:
         self.sample_runtime = SampleRuntime(**split_known(SampleRuntime, config["sample"])[0])
         self.judge = JudgeSettings(**split_known(JudgeSettings, config["judge"])[0])
         self.judge_runtime = JudgeRuntime(**split_known(JudgeRuntime, config["judge"])[0])
+        features = config.get("features", {})
+        self.features = FeatureSettings(**split_known(FeatureSettings, features)[0])
+        self.features_runtime = FeatureRuntime(**split_known(FeatureRuntime, features)[0])
+        self.features_build = features.get("build")  # tiny-clip: the test world builds one
+        self.quality = QualitySettings(**config["quality"]) if "quality" in config else None
+        self.robustness = RobustnessSettings(**config.get("robustness", {}))
+        self.audit = AuditSettings(**config.get("audit", {}))

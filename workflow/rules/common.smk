@@ -95,10 +95,26 @@ def base_model(wildcards=None):
 
 
 def download_repos():
-    """Hub repos the jobs load: the base model (unless built here) and a served judge."""
+    """Hub repos the jobs load: the base model (unless built here), a served judge, and the
+    CLIP model of the quality and audit targets (unless built here or the toy's)."""
     repos = [None if STUDY.model_build else STUDY.model]
     repos.append(STUDY.judge.model if STUDY.judge_runtime.serve else None)
+    clip = STUDY.features.kind == "clip" and not STUDY.features_build
+    repos.append(STUDY.features.pretrained if clip else None)
     return [r for r in repos if r]
+
+
+def feature_model(wildcards=None):
+    """The embedding model folder when the workflow builds it (test world), else nothing."""
+    return [STUDY.features.pretrained] if STUDY.features_build else []
+
+
+def all_features():
+    return expand(
+        "results/quality/features/{method}/{concept}.parquet",
+        method=METHODS,
+        concept=CONCEPTS,
+    )
 
 
 def erase_settings(wildcards):

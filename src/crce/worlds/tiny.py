@@ -109,8 +109,47 @@ def build_tiny_pipeline(output: str | Path, seed: int = 0, words: list[str] | No
         )
 
 
+def build_tiny_clip(output: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel (image 32 px, features of 16) with its processor and tokenizer,
+    saved to load with from_pretrained like openai/clip-vit-large-patch14."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    from .tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    output = Path(output)
+    tokenizer = build_tokenizer([], output, max_length=16)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    config = CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    CLIPModel(config).save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(output)
+    return output
+
+
 def build_base_model(kind: str, output: str | Path, seed: int = 0) -> Path:
-    """The `base_model` rule: build the model a small world uses as `model.pretrained`."""
+    """The `base_model` rule: build the model a small world uses (tiny SD, tiny CLIP)."""
     if kind == "tiny":
         return build_tiny_pipeline(output, seed=seed)
-    raise ValueError(f"model.build={kind!r}: unknown kind (expected 'tiny')")
+    if kind == "tiny-clip":
+        return build_tiny_clip(output, seed=seed)
+    raise ValueError(f"build={kind!r}: unknown kind (expected 'tiny' or 'tiny-clip')")

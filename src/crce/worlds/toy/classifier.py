@@ -55,3 +55,27 @@ def load_classifier(folder: str | Path) -> tuple[ShapeClassifier, list[str]]:
     model = ShapeClassifier(len(classes))
     model.load_state_dict(load_file(str(folder / "judge.safetensors")))
     return model.eval(), classes
+
+
+class ToyFeatures:
+    """Image embeddings from the shape classifier's penultimate layer (L2-normalised): the toy
+    world's stand-in for CLIP's image tower in the quality target. No text tower."""
+
+    def __init__(self, folder: str | Path):
+        self.model, self.classes = load_classifier(folder)
+
+    @torch.no_grad()
+    def images(self, paths, batch_size: int = 256):
+        import numpy as np
+        from PIL import Image
+
+        out = []
+        for start in range(0, len(paths), batch_size):
+            batch = [
+                np.asarray(Image.open(p).convert("RGB").resize((32, 32)))
+                for p in paths[start : start + batch_size]
+            ]
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            features = self.model.features(x).flatten(1)
+            out.append(torch.nn.functional.normalize(features, dim=1).numpy())
+        return np.concatenate(out)

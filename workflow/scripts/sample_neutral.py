@@ -1,0 +1,16 @@
+from crce.logs import job_log
+from crce.quality import run_sample_neutral
+
+with job_log(snakemake.log[0]):
+    p = snakemake.params
+    run_sample_neutral(
+        prompts=snakemake.input.prompts,
+        method=snakemake.wildcards.method,
+        concept=snakemake.wildcards.concept,
+        quality=p.quality,
+        settings=p.settings,
+        runtime=vars(p.runtime),
+        model=p.model,
+        delta=next(iter(snakemake.input.delta), None),
+        manifest=snakemake.output[0],
+    )
