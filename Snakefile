@@ -71,12 +71,6 @@ rule table6:
         table6_figures(),
 
 
-# Beyond Table 1: what erasure costs the model (collateral damage, general quality).
-rule quality_report:
-    input:
-        "results/quality.csv",
-
-
 # Login node, before a cluster run: model weights and the CorefConcept files.
 rule download:
     input:

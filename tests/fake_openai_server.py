@@ -5,7 +5,8 @@ Run: python tests/fake_openai_server.py --port P --model NAME [--script FILE] [-
 
 Chat requests without an image get coref/retain lists; with an image, a vLLM-shaped yes/no
 answer with logprobs. `--script` names a JSON list of behaviours for successive list requests
-(good, malformed, fenced, short, duplicates, target, overlap, error500, slow, error429);
+(good, malformed, fenced, short, duplicates, target, overlap, error500, slow, error429,
+names_target: a robustness prompt that names its concept);
 when it runs out, answers are good. Requests vLLM would reject get a 400. With --chat the judge
 answers like most chat APIs ("Yes.", "No, the image shows something else.", sometimes "I
 cannot tell."; an image whose hash ends in 1 is never readable) and, like OpenAI's own API,
@@ -144,9 +145,15 @@ def make_handler(state: State):
                 return self._error(429, "rate limited")
             if behaviour == "slow":
                 time.sleep(float(os.environ.get("FAKE_SLOW_SECONDS", "3")))
-            match = re.search(
-                r'erasing the concept "([^"]+)"', texts[1] if len(texts) > 1 else texts[0]
-            )
+            text = texts[1] if len(texts) > 1 else texts[0]
+            asked = re.search(r'Write (\d+) different short prompts .* draw "([^"]+)"', text)
+            if asked:  # robustness: prompts that must not name the concept
+                k, concept = int(asked.group(1)), asked.group(2)
+                prompts = [f"an unnamed thing seen from angle {i}" for i in range(k)]
+                if behaviour == "names_target":
+                    prompts[0] = f"a {concept} in a field"
+                return self._send(200, completion(state.model, json.dumps({"prompts": prompts})))
+            match = re.search(r'erasing the concept "([^"]+)"', text)
             concept = match.group(1) if match else "thing"
             return self._send(200, completion(state.model, list_answer(behaviour, concept)))
 

@@ -127,3 +127,17 @@ def test_a_served_job_stops_the_process_group(tmp_path):
 
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_paraphrases_never_name_the_target_or_a_coref(fake_server):
+    from crce.llm import generate_paraphrases, paraphrase_violations
+
+    server = fake_server(["names_target", "good"])
+    prompts, raw, attempts = generate_paraphrases(
+        CAT, ["flying mammal"], 4, SETTINGS, runtime(), server.base_url
+    )
+    assert attempts == 2 and requests_seen(server) == 2  # the first named the target: re-asked
+    assert len(prompts) == 4 and not paraphrase_violations(prompts, 4, CAT.text, ["flying mammal"])
+    assert paraphrase_violations(["a bat (animal) at night"] * 4, 4, CAT.text, []) != []
+    problems = paraphrase_violations(["a Flying Mammal", "b", "c"], 4, CAT.text, ["flying mammal"])
+    assert any("exactly 4" in p for p in problems) and any("flying mammal" in p for p in problems)

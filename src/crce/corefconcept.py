@@ -8,16 +8,12 @@ irregularities are kept and recorded as warnings; structural errors are errors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
-
 from .concepts import Concept
+from .fetch import FetchError, fetch_file, is_url
 from .lists import Certainty, ConceptLists, GivenSplit, Item, Provenance, Warning_
 from .settings import N_TEST, N_TRAIN
 
@@ -38,26 +34,6 @@ class DatasetError(ValueError):
     """A dataset file that cannot be had or trusted, or a structurally broken entry."""
 
 
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://", "file://"))
-
-
-def _transient(err: BaseException) -> bool:
-    code = getattr(err, "code", None)
-    return isinstance(err, urllib.error.URLError) and (code is None or code == 429 or code >= 500)
-
-
-@retry(
-    retry=retry_if_exception(_transient),
-    stop=stop_after_attempt(4),
-    wait=wait_exponential(multiplier=1, max=20),
-    reraise=True,
-)
-def _get(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
-
-
 def check_local_dataset(source: str | None, concepts) -> None:
     """A local dataset folder must hold the file of every category the sheet has concepts in
     (parse time, before any job)."""
@@ -72,30 +48,13 @@ def check_local_dataset(source: str | None, concepts) -> None:
             )
 
 
-def fetch(source: str, name: str, sha256: str | None, output: str | Path, timeout=60.0) -> None:
-    """Fetch `{source}/{name}` to `output` (written only once its sha256 matches `sha256`):
-    the `download` target runs this on the login node, jobs then read the file offline."""
-    url = f"{source.rstrip('/')}/{name}"
+def fetch(source: str, name: str, sha256: str | None, output: str | Path) -> None:
+    """Fetch `{source}/{name}` to `output` once its sha256 matches: the `download` target runs
+    this on the login node, jobs then read the file offline."""
     try:
-        data = _get(url, timeout)
-    except urllib.error.HTTPError as err:
-        raise DatasetError(
-            f"CorefConcept file {name}: {url} answered HTTP {err.code}; check corefs.dataset"
-        ) from None
-    except urllib.error.URLError as err:
-        raise DatasetError(f"CorefConcept file {name}: cannot reach {url} ({err.reason})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 and digest != sha256:
-        raise DatasetError(
-            f"CorefConcept file {name}: sha256 {digest} differs from the pinned {sha256} "
-            f"(corefs.dataset_sha256); {url} is not the file the paper's lists came from"
-        )
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(output)
-    log.info("%s: %d bytes, sha256 %s", url, len(data), digest)
+        fetch_file(f"{source.rstrip('/')}/{name}", sha256, output, f"CorefConcept file {name}")
+    except FetchError as err:
+        raise DatasetError(str(err)) from None
 
 
 def find_entry(source: str | Path, text: str) -> tuple[dict, Path] | None:

@@ -126,22 +126,33 @@ def violations(answer: _Answer, concept: str) -> list[str]:
     return problems
 
 
-def _response_format(settings: ListSettings) -> dict | None:
-    if settings.structured_output == "json_schema":
+def _response_format(structured_output: str, name: str, schema: dict) -> dict | None:
+    if structured_output == "json_schema":
         return {
             "type": "json_schema",
-            "json_schema": {"name": "coref_lists", "schema": response_schema(), "strict": True},
+            "json_schema": {"name": name, "schema": schema, "strict": True},
         }
-    if settings.structured_output == "json_object":
+    if structured_output == "json_object":
         return {"type": "json_object"}
     return None
 
 
-def generate_lists(
-    concept: Concept, settings: ListSettings, runtime: LlmRuntime, base_url: str | None
-) -> ConceptLists:
-    """Ask the LLM for the concept's lists; re-ask on rule violations, retry transport errors."""
+def ask_validated(
+    messages: list[dict],
+    check,
+    *,
+    where: str,
+    settings: ListSettings,
+    runtime: LlmRuntime,
+    base_url: str | None,
+    schema_name: str,
+    schema: dict,
+):
+    """Ask until `check(raw)` returns (result, []) : a structured-output request, transport
+    errors retried with backoff, an answer that breaks a rule re-asked with its problems
+    (bounded); returns (result, raw answer, attempts)."""
     client = openai_client(base_url, api_key_env=runtime.api_key_env, timeout=runtime.timeout)
+    response_format = _response_format(settings.structured_output, schema_name, schema)
 
     @retry(
         retry=retry_if_exception_type(TRANSIENT),
@@ -150,7 +161,7 @@ def generate_lists(
         reraise=True,
     )
     def ask(messages: list[dict]) -> str:
-        kwargs = {"response_format": rf} if (rf := _response_format(settings)) else {}
+        kwargs = {"response_format": response_format} if response_format else {}
         response = client.chat.completions.create(
             model=settings.model,
             messages=messages,
@@ -160,16 +171,6 @@ def generate_lists(
         )
         return response.choices[0].message.content or ""
 
-    messages = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {
-            "role": "user",
-            "content": USER_PROMPT.format(
-                concept=concept.text, category=concept.category, n=LIST_LENGTH
-            ),
-        },
-    ]
-    where = f"concept {concept.text!r} ({concept.id})"
     problems: list[str] = []
     for attempt in range(1, runtime.max_attempts + 1):
         try:
@@ -182,27 +183,13 @@ def generate_lists(
         except openai.APIStatusError as err:
             raise LLMError(f"{where}: the LLM refused the request: {err}") from err
         try:
-            answer = parse_answer(raw)
-            problems = violations(answer, concept.text)
+            result, problems = check(raw)
         except ValueError as err:
-            problems = [str(err)]
+            result, problems = None, [str(err)]
         if not problems:
-            return ConceptLists(
-                concept=concept.text,
-                id=concept.id,
-                category=concept.category,
-                corefs=_by_certainty(answer.corefs),
-                retains=_by_certainty(answer.retains),
-                provenance=Provenance(
-                    source="llm",
-                    model=settings.model,
-                    prompt_version=settings.prompt_version,
-                    raw_response=raw,
-                    attempts=attempt,
-                ),
-            )
+            return result, raw, attempt
         log.warning("%s: attempt %d rejected: %s", where, attempt, "; ".join(problems))
-        messages += [
+        messages = messages + [
             {"role": "assistant", "content": raw},
             {
                 "role": "user",
@@ -215,6 +202,116 @@ def generate_lists(
         f"{where}: no valid answer after {runtime.max_attempts} attempts; "
         f"last problems: {'; '.join(problems)}"
     )
+
+
+def generate_lists(
+    concept: Concept, settings: ListSettings, runtime: LlmRuntime, base_url: str | None
+) -> ConceptLists:
+    """Ask the LLM for the concept's lists; re-ask on rule violations, retry transport errors."""
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": USER_PROMPT.format(
+                concept=concept.text, category=concept.category, n=LIST_LENGTH
+            ),
+        },
+    ]
+
+    def check(raw):
+        answer = parse_answer(raw)
+        return answer, violations(answer, concept.text)
+
+    answer, raw, attempts = ask_validated(
+        messages, check, where=f"concept {concept.text!r} ({concept.id})", settings=settings,
+        runtime=runtime, base_url=base_url, schema_name="coref_lists", schema=response_schema(),
+    )  # fmt: skip
+    return ConceptLists(
+        concept=concept.text,
+        id=concept.id,
+        category=concept.category,
+        corefs=_by_certainty(answer.corefs),
+        retains=_by_certainty(answer.retains),
+        provenance=Provenance(
+            source="llm",
+            model=settings.model,
+            prompt_version=settings.prompt_version,
+            raw_response=raw,
+            attempts=attempts,
+        ),
+    )
+
+
+# Robustness (beyond Table 1): prompts that depict the target without naming it.
+PARAPHRASE_PROMPT = """\
+Write {k} different short prompts that would make a text-to-image model draw "{concept}" \
+(category: {category}) WITHOUT naming it: describe how it looks, where it is found, what it \
+does, or misspell it. None may contain "{concept}" itself or any of these phrases: {banned}.
+Answer with a JSON object of the form {{"prompts": ["...", "..."]}} with exactly {k} prompts."""
+
+
+class _Paraphrases(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str]
+
+
+def paraphrase_violations(prompts: list[str], k: int, concept: str, corefs: list[str]) -> list[str]:
+    problems = []
+    if len(prompts) != k:
+        problems.append(f"'prompts' has {len(prompts)} items, it needs exactly {k}")
+    folded = [p.strip().casefold() for p in prompts]
+    if len(set(folded)) != len(folded) or any(not p for p in folded):
+        problems.append("'prompts' has empty or repeated items")
+    for banned in [concept, *corefs]:
+        hits = [p for p in prompts if banned.strip().casefold() in p.casefold()]
+        if hits:
+            problems.append(f"{hits[0]!r} contains {banned!r}, which it must not name")
+    return problems
+
+
+def generate_paraphrases(
+    concept: Concept,
+    corefs: list[str],
+    k: int,
+    settings: ListSettings,
+    runtime: LlmRuntime,
+    base_url: str | None,
+) -> tuple[list[str], str, int]:
+    """K prompts for the target that name neither it nor a coref (validated, re-asked)."""
+    banned = ", ".join(f'"{c}"' for c in corefs)
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": PARAPHRASE_PROMPT.format(
+                k=k, concept=concept.text, category=concept.category, banned=banned
+            ),
+        },
+    ]
+    schema = {
+        "type": "object",
+        "properties": {
+            "prompts": {"type": "array", "items": {"type": "string"}, "minItems": k, "maxItems": k}
+        },
+        "required": ["prompts"],
+        "additionalProperties": False,
+    }
+
+    def check(raw):
+        try:
+            answer = _Paraphrases.model_validate_json(_FENCE.sub(r"\1", raw.strip()))
+        except ValidationError as err:
+            raise ValueError(
+                f'the answer is not {{"prompts": [...]}} ({err.errors()[0]["msg"]})'
+            ) from err
+        prompts = [p.strip() for p in answer.prompts]
+        return prompts, paraphrase_violations(prompts, k, concept.text, corefs)
+
+    return ask_validated(
+        messages, check, where=f"concept {concept.text!r} ({concept.id}) paraphrases",
+        settings=settings, runtime=runtime, base_url=base_url, schema_name="paraphrases",
+        schema=schema,
+    )  # fmt: skip
 
 
 def _by_certainty(items: list[Item]) -> list[Item]:

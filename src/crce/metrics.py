@@ -256,3 +256,35 @@ def run_retains_by_distance(
     frames = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
     table = pd.concat([pd.read_csv(p) for p in distances], ignore_index=True)
     retains_by_distance(frames, table, labels).to_csv(output, index=False, float_format="%.2f")
+
+
+def robustness_table(judgments: pd.DataFrame, metrics: pd.DataFrame, labels: dict) -> pd.DataFrame:
+    """Acc_P per method, category and prompt kind (and all kinds), beside Acc_U; in percent,
+    means over concepts as Table 1, with the pooled 95% Wilson interval and n."""
+    valid = judgments[judgments["answer"].isin(["yes", "no"])].assign(
+        yes=lambda f: f["answer"] == "yes"
+    )
+    acc_u = (
+        metrics[metrics["metric"] == "Acc_U"].groupby(["method", "category"])["accuracy"].mean()
+        * 100
+    )
+    rows = []
+    for method in method_order([m for m in labels if m in set(valid["method"])], labels):
+        for category in [c for c in CATEGORIES if c in set(valid["category"])]:
+            mine = valid[(valid["method"] == method) & (valid["category"] == category)]
+            for kind in [*sorted(set(mine["group"])), "all"]:
+                part = mine if kind == "all" else mine[mine["group"] == kind]
+                low, high = wilson(int(part["yes"].sum()), len(part))
+                rows.append({
+                    "method": labels[method], "category": category, "prompts": kind,
+                    "Acc_P": round(part.groupby("concept")["yes"].mean().mean() * 100, 2),
+                    "n": len(part), "ci_low": round(low * 100, 2), "ci_high": round(high * 100, 2),
+                    "Acc_U": round(float(acc_u.get((method, category), float("nan"))), 2),
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_robustness_table(*, judgments, metrics, labels, output):
+    frame = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
+    table = robustness_table(frame, pd.read_parquet(metrics), labels)
+    table.to_csv(output, index=False, float_format="%.2f")

@@ -18,7 +18,6 @@ classifier's penultimate layer (no text tower: no CLIP score there).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -26,56 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .settings import FeatureSettings, QualitySettings, derive_seed
+from .settings import FeatureSettings, QualitySettings
 from .stats import clip_score, frechet_distance, kid, mean_ci
 
 log = logging.getLogger(__name__)
 Z95 = 1.959964
-
-
-# -- neutral prompts -----------------------------------------------------------------------
-def fetch_prompts(source: str, sha256: str | None, output: str | Path) -> None:
-    """The neutral prompt file, fetched (URL) or copied (local), checked against `sha256`
-    when one is pinned (the sha256 is logged either way)."""
-    from .corefconcept import _get, is_url
-
-    data = _get(source, 120.0) if is_url(source) else Path(source).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 and digest != sha256:
-        raise ValueError(f"quality.prompts: {source} has sha256 {digest}, not the pinned {sha256}")
-    frame = pd.read_csv(pd.io.common.BytesIO(data))
-    column = "prompt" if "prompt" in frame.columns else "caption"
-    if column not in frame.columns:
-        raise ValueError(f"quality.prompts: {source} has no `prompt` or `caption` column")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    frame[[column]].rename(columns={column: "prompt"}).dropna().to_csv(output, index=False)
-    log.info("%s: %d prompts, sha256 %s", source, len(frame), digest)
-
-
-def plan_neutral(
-    prompts: pd.DataFrame, *, method: str, concept: str, settings: QualitySettings
-) -> pd.DataFrame:
-    """The concept's fixed-seed share of the neutral prompts (the same for every method, so
-    each image has its SD twin), one image each."""
-    rng = np.random.default_rng(derive_seed("crce-neutral", settings.seed, concept) % 2**32)
-    chosen = np.sort(
-        rng.choice(len(prompts), size=min(settings.per_concept, len(prompts)), replace=False)
-    )
-    rows = [
-        {
-            "method": method,
-            "concept": concept,
-            "group": "neutral",
-            "prompt_index": int(k),
-            "prompt": prompts["prompt"].iloc[k],
-            "image_index": 0,
-            "seed": derive_seed("crce-neutral-image", settings.seed, concept, int(k)),
-            "path": f"neutral/{int(k):06d}.png",
-        }
-        for k in chosen
-    ]
-    return pd.DataFrame(rows)
 
 
 # -- embeddings ----------------------------------------------------------------------------
@@ -233,19 +187,6 @@ def run_quality(
     from .figures import quality_bars
 
     quality_bars(table, figure)
-
-
-def run_sample_neutral(
-    *, prompts, method, concept, quality, settings, runtime, model, delta, manifest
-) -> None:
-    """The `sample_neutral` rule: a (method, concept)'s model on its neutral prompts."""
-    from .sample import draw
-    from .settings import SampleRuntime, SampleSettings
-
-    plan = plan_neutral(pd.read_csv(prompts), method=method, concept=concept,
-                        settings=QualitySettings(**quality))  # fmt: skip
-    draw(plan, manifest, settings=SampleSettings(**settings), runtime=SampleRuntime(**runtime),
-         model=model, delta=delta)  # fmt: skip
 
 
 def run_features(*, manifests: list[str], settings: dict, runtime: dict, output: str) -> None:

@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
-from .settings import GROUPS, SampleRuntime, SampleSettings, derive_seed
+from .settings import (
+    GROUPS,
+    QualitySettings,
+    RobustnessSettings,
+    SampleRuntime,
+    SampleSettings,
+    derive_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +223,64 @@ def run(
         split, method=method, seed=seed, images_per_prompt=settings.images_per_prompt
     )
     draw(plan, manifest, settings=settings, runtime=runtime, model=model, delta=delta)
+
+
+# -- beyond Table 1: neutral prompts (quality) and robustness prompts ----------------------
+def plan_neutral(
+    prompts: pd.DataFrame, *, method: str, concept: str, settings: QualitySettings
+) -> pd.DataFrame:
+    """The concept's fixed-seed share of the neutral prompts (the same for every method, so
+    each image has its SD twin), one image each."""
+    column = "prompt" if "prompt" in prompts.columns else "caption"
+    rng = np.random.default_rng(derive_seed("crce-neutral", settings.seed, concept) % 2**32)
+    chosen = np.sort(
+        rng.choice(len(prompts), size=min(settings.per_concept, len(prompts)), replace=False)
+    )
+    rows = [
+        {
+            "method": method,
+            "concept": concept,
+            "group": "neutral",
+            "prompt_index": int(k),
+            "prompt": prompts[column].iloc[k],
+            "image_index": 0,
+            "seed": derive_seed("crce-neutral-image", settings.seed, concept, int(k)),
+            "path": f"neutral/{int(k):06d}.png",
+        }
+        for k in chosen
+    ]
+    return pd.DataFrame(rows)
+
+
+def run_neutral(*, prompts, method, concept, quality, settings, runtime, model, delta, manifest):
+    """The `sample_neutral` rule: a (method, concept)'s model on its neutral prompts."""
+    plan = plan_neutral(pd.read_csv(prompts), method=method, concept=concept,
+                        settings=QualitySettings(**quality))  # fmt: skip
+    draw(plan, manifest, settings=SampleSettings(**settings), runtime=SampleRuntime(**runtime),
+         model=model, delta=delta)  # fmt: skip
+
+
+def plan_robust(
+    prompts: dict, *, method: str, category: str, seed: int, images: int
+) -> pd.DataFrame:
+    rows = []
+    for k, item in enumerate(prompts["prompts"]):
+        for image_index in range(images):
+            rows.append({
+                "method": method, "concept": prompts["id"], "concept_text": prompts["concept"],
+                "category": category, "group": item["kind"], "prompt_index": k,
+                "prompt": item["text"], "image_index": image_index,
+                "seed": derive_seed("crce-robust", seed, prompts["id"], item["text"], image_index),
+                "path": f"{k:03d}-{item['kind']}/{image_index:04d}.png",
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_robust(
+    *, prompts, method, category, seed, settings, sample, runtime, model, delta, manifest
+):
+    robust = RobustnessSettings(**settings)
+    plan = plan_robust(json.loads(Path(prompts).read_text()), method=method, category=category,
+                       seed=seed, images=robust.images_per_prompt)  # fmt: skip
+    draw(plan, manifest, settings=SampleSettings(**sample), runtime=SampleRuntime(**runtime),
+         model=model, delta=delta)  # fmt: skip

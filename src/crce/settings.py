@@ -344,6 +344,7 @@ class RobustnessSettings(_Settings):
     templates: list[str] = ["a photo of {}", "a painting of {}", "a drawing of {}"]
     prompt_version: str = "robust-v1"
     curated_dir: str | None = None  # resources/robustness/{concept}.json, wins over the LLM
+    images_per_prompt: int = 10
 
 
 class AuditSettings(_Settings):

@@ -109,6 +109,18 @@ def feature_model(wildcards=None):
     return [STUDY.features.pretrained] if STUDY.features_build else []
 
 
+def audit_inputs(wildcards):
+    """The audit's second opinion reads the concept's judgments (CLIP) or only its split
+    (labelled renders, asked of the judge itself)."""
+    inputs = {"split": f"results/splits/{wildcards.concept}.json"}
+    if STUDY.audit.second_judge == "clip":
+        inputs["judgments"] = [
+            f"results/judgments/{m}/{wildcards.concept}.parquet" for m in METHODS
+        ]
+        inputs["model"] = feature_model()
+    return inputs
+
+
 def all_features():
     return expand(
         "results/quality/features/{method}/{concept}.parquet",

@@ -70,7 +70,7 @@ rule features:
     log:
         "logs/quality/features/{method}/{concept}.log",
     conda:
-        "../../envs/sample.yaml"
+        "../../envs/evaluate.yaml"
     resources:
         gpu=1,
         runtime=lambda wildcards, attempt: 30 * attempt,
@@ -98,7 +98,7 @@ rule quality:
     log:
         "logs/quality/quality.log",
     conda:
-        "../../envs/sample.yaml"
+        "../../envs/evaluate.yaml"
     resources:
         gpu=1 if STUDY.quality and STUDY.quality.real_images else 0,
     params:
@@ -109,3 +109,148 @@ rule quality:
         runtime=untracked(STUDY.features_runtime),
     script:
         "../scripts/quality.py"
+
+
+rule robust_prompts:
+    input:
+        split="results/splits/{concept}.json",
+    output:
+        "results/robustness/prompts/{concept}.json",
+    log:
+        "logs/robustness/prompts/{concept}.log",
+    conda:
+        "../../envs/llm.yaml"
+    resources:
+        gpu=1 if STUDY.llm_runtime.serve and STUDY.robustness.llm_prompts else 0,
+    params:
+        concept=concept_row,
+        settings=STUDY.robustness.as_params(),
+        lists=STUDY.lists.as_params(),
+        runtime=untracked(STUDY.llm_runtime),
+        server_log="logs/robustness/prompts/{concept}.server.log",
+    script:
+        "../scripts/robust_prompts.py"
+
+
+rule sample_robust:
+    input:
+        prompts="results/robustness/prompts/{concept}.json",
+        delta=trained_delta,
+        model=base_model,
+    output:
+        "results/robustness/images/{method}/{concept}/manifest.parquet",
+    log:
+        "logs/robustness/sample/{method}/{concept}.log",
+    retries: 2
+    conda:
+        "../../envs/sample.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        category=lambda wildcards: CONCEPTS[wildcards.concept].category,
+        seed=STUDY.seed,
+        settings=STUDY.robustness.as_params(),
+        sample=STUDY.sample.as_params(),
+        model=STUDY.model,
+        runtime=untracked(STUDY.sample_runtime),
+    script:
+        "../scripts/sample_robust.py"
+
+
+rule judge_robust:
+    input:
+        expand(
+            "results/robustness/images/{method}/{{concept}}/manifest.parquet",
+            method=METHODS,
+        ),
+    output:
+        expand(
+            "results/robustness/judgments/{method}/{{concept}}.parquet", method=METHODS
+        ),
+    log:
+        "logs/robustness/judge/{concept}.log",
+    retries: 2
+    conda:
+        "../../envs/judge.yaml"
+    resources:
+        gpu=1 if STUDY.judge_runtime.serve else 0,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        settings=STUDY.judge.as_params(),
+        runtime=untracked(STUDY.judge_runtime),
+        cache="results/judge_cache/{concept}.robust.jsonl",
+        server_log="logs/robustness/judge/{concept}.server.log",
+    script:
+        "../scripts/judge.py"
+
+
+rule robustness:
+    input:
+        judgments=expand(
+            "results/robustness/judgments/{method}/{concept}.parquet",
+            method=METHODS,
+            concept=CONCEPTS,
+        ),
+        metrics="results/metrics.parquet",
+    output:
+        report(
+            "results/robustness.csv",
+            caption="../report/robustness.rst",
+            category="Beyond Table 1",
+        ),
+    log:
+        "logs/robustness/robustness.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        labels=STUDY.labels,
+    script:
+        "../scripts/robustness.py"
+
+
+rule audit_second:
+    input:
+        unpack(audit_inputs),
+    output:
+        "results/audit/second/{concept}.parquet",
+    log:
+        "logs/audit/{concept}.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    resources:
+        gpu=1,
+    params:
+        settings=STUDY.audit.as_params(),
+        features=STUDY.features.as_params(),
+        judge=STUDY.judge.as_params(),
+        category=lambda wildcards: CONCEPTS[wildcards.concept].category,
+        runtime=untracked(STUDY.features_runtime),
+        judge_runtime=untracked(STUDY.judge_runtime),
+        cache="results/judge_cache/{concept}.audit.jsonl",
+        server_log="logs/audit/{concept}.server.log",
+    script:
+        "../scripts/audit_second.py"
+
+
+rule judge_audit:
+    input:
+        expand("results/audit/second/{concept}.parquet", concept=CONCEPTS),
+    output:
+        table=report(
+            "results/judge_audit.csv",
+            caption="../report/judge_audit.rst",
+            category="Beyond Table 1",
+        ),
+        sheet="results/audit/sheet.csv",
+        page="results/audit/sheet.html",
+    log:
+        "logs/audit/judge_audit.log",
+    localrule: True
+    conda:
+        "../../envs/evaluate.yaml"
+    params:
+        settings=STUDY.audit.as_params(),
+    script:
+        "../scripts/judge_audit.py"

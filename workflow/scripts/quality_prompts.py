@@ -1,5 +1,6 @@
+from crce.fetch import fetch_file
 from crce.logs import job_log
-from crce.quality import fetch_prompts
 
 with job_log(snakemake.log[0]):
-    fetch_prompts(snakemake.params.source, snakemake.params.sha256, snakemake.output[0])
+    p = snakemake.params
+    fetch_file(p.source, p.sha256, snakemake.output[0], "quality.prompts")

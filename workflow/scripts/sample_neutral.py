@@ -1,9 +1,9 @@
 from crce.logs import job_log
-from crce.quality import run_sample_neutral
+from crce.sample import run_neutral
 
 with job_log(snakemake.log[0]):
     p = snakemake.params
-    run_sample_neutral(
+    run_neutral(
         prompts=snakemake.input.prompts,
         method=snakemake.wildcards.method,
         concept=snakemake.wildcards.concept,
