@@ -1,6 +1,8 @@
 """The tiny test world end to end through Snakemake, on CPU (the same rules as the study):
 its outputs, and what a rerun plans after a change. Every test shares one finished run."""
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -200,6 +202,40 @@ def test_a_2x2_sweep_writes_table6(test_world, tmp_path):
     for metric in ("Acc_U", "Acc_C_train", "Acc_R_test"):
         assert cell[metric] == table1.loc["CRCE", f"object/{metric}"], metric
     assert len(list((world.work / "results" / "figures" / "table6").glob("*.png"))) == 5
+
+
+def test_the_targets_beyond_table1_run_in_the_test_world(test_world, tmp_path):
+    """quality, robustness and judge_audit through Snakemake on the finished world (a copy):
+    tables of the expected shape, with n and spreads, values within their ranges."""
+    world = test_world.copy(tmp_path / "world")
+    result = snakemake(world.work, "quality", "robustness", "judge_audit", *world.args())
+    assert result.returncode == 0, result.stdout[-4000:]
+    results = world.work / "results"
+    quality = pd.read_csv(results / "quality.csv")
+    methods = [spec["label"] for spec in CONFIG["methods"].values()]
+    paired = quality[quality.metric == "paired_similarity"]
+    assert set(paired["method"]) == set(methods) - {"SD"} and set(paired["scope"]) == {
+        "object", "ip", "celebrity"
+    }  # fmt: skip
+    assert paired["value"].between(-1, 1).all() and (paired["n"] > 0).all()
+    for metric in ("clip_score", "fd_vs_sd", "kid_vs_sd"):
+        rows = quality[quality.metric == metric]
+        assert len(rows) == (8 if metric == "clip_score" else 7), metric
+        assert (rows["n"] == 48).all() and rows["spread"].notna().all(), metric
+    robust = pd.read_csv(results / "robustness.csv")
+    assert set(robust["prompts"]) == {"paraphrase", "template", "all"}
+    table1 = pd.read_csv(results / "table1.csv").set_index("method")
+    for row in robust[robust.prompts == "all"].itertuples():
+        assert row.Acc_U == table1.loc[row.method, f"{row.category}/Acc_U"]
+        assert 0 <= row.Acc_P <= 100 and row.n > 0
+    prompts = json.loads((results / "robustness" / "prompts" / "cat.json").read_text())
+    assert [p["kind"] for p in prompts["prompts"]].count("paraphrase") == 3
+    assert not any("cat" in p["text"] for p in prompts["prompts"] if p["kind"] == "paraphrase")
+    audit = pd.read_csv(results / "judge_audit.csv")
+    assert len(audit) == 15 and audit["agreement"].between(0, 1).all()  # 3 categories x 5 groups
+    sheet = pd.read_csv(results / "audit" / "sheet.csv", keep_default_na=False)
+    assert len(sheet) == 16 and (sheet["human"] == "").all()
+    assert (results / "audit" / "sheet.html").read_text().count("<img") == 16
 
 
 def test_report_shows_tables_and_figures(test_world):
