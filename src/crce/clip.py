@@ -15,20 +15,14 @@ import pandas as pd
 import torch
 
 from .lists import Split
-from .modeling import load_pipeline
+from .modeling import load_pipeline, tokenize
 from .settings import GROUPS
 
 
 @torch.no_grad()
 def text_embeddings(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled ([n, D]) and flattened per-token ([n, L*D]) embeddings, L2-normalised."""
-    tokens = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
+    tokens = tokenize(pipe, prompts).input_ids.to(pipe.text_encoder.device)
     output = pipe.text_encoder(tokens)
     normalise = lambda x: torch.nn.functional.normalize(x.float(), dim=1)  # noqa: E731
     return normalise(output.pooler_output), normalise(output.last_hidden_state.flatten(1))

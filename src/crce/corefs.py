@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from .concepts import Concept
 from .corefconcept import find_entry, import_entry
-from .lists import ConceptLists, Provenance, Warning_, write_model
+from .lists import ConceptLists, Provenance, Warning_, describe_errors, write_model
 from .llm import generate_lists
 from .serving import call_served
 from .settings import LIST_LENGTH, ListSettings, LlmRuntime
@@ -50,10 +50,7 @@ def curated_lists(path: Path, concept: Concept) -> ConceptLists:
     try:
         return ConceptLists.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
-        )
-        raise ListsError(f"{where}: {problems}") from None
+        raise ListsError(f"{where}: {describe_errors(err)}") from None
 
 
 class ListsError(ValueError):

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .settings import Category
 
@@ -99,6 +99,13 @@ class Split(_Strict):
     coref_test: list[WeightedItem]
     retain_train: list[WeightedItem]
     retain_test: list[WeightedItem]
+
+
+def describe_errors(err: ValidationError, most: int = 5) -> str:
+    """A validation error in one line: `field.path: problem; ...` (the first few)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:most]
+    )
 
 
 def write_model(model: BaseModel, path: str | Path) -> None:

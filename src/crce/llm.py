@@ -16,7 +16,7 @@ from tenacity import (
 )
 
 from .concepts import Concept
-from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance
+from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance, describe_errors
 from .serving import TRANSIENT, openai_client
 from .settings import LIST_LENGTH, ListSettings, LlmRuntime
 
@@ -95,10 +95,9 @@ def parse_answer(raw: str) -> _Answer:
     try:
         return _Answer.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
-        )
-        raise ValueError(f"the JSON does not have the required shape ({problems})") from err
+        raise ValueError(
+            f"the JSON does not have the required shape ({describe_errors(err)})"
+        ) from err
 
 
 def violations(answer: _Answer, concept: str) -> list[str]:
@@ -302,7 +301,7 @@ def generate_paraphrases(
             answer = _Paraphrases.model_validate_json(_FENCE.sub(r"\1", raw.strip()))
         except ValidationError as err:
             raise ValueError(
-                f'the answer is not {{"prompts": [...]}} ({err.errors()[0]["msg"]})'
+                f'the answer is not {{"prompts": [...]}} ({describe_errors(err)})'
             ) from err
         prompts = [p.strip() for p in answer.prompts]
         return prompts, paraphrase_violations(prompts, k, concept.text, corefs)

@@ -51,14 +51,18 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32, device
     return pipe.to(device)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """CLIP last hidden states, as Stable Diffusion conditions on them."""
-    tokens = pipe.tokenizer(
+def tokenize(pipe, prompts: list[str]):
+    """Stable Diffusion's tokenization: padded to the encoder's length, truncated."""
+    return pipe.tokenizer(
         prompts,
         padding="max_length",
         max_length=pipe.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(tokens)[0]
+    )
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states, as Stable Diffusion conditions on them."""
+    return pipe.text_encoder(tokenize(pipe, prompts).input_ids.to(pipe.text_encoder.device))[0]

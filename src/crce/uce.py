@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from .modeling import tokenize
 from .settings import UceSettings
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,7 @@ def edited_names(unet) -> list[str]:
 @torch.no_grad()
 def last_token_embeddings(pipe, texts: list[str]) -> torch.Tensor:
     """[n, D]: each text's last word token in the text encoder's last hidden state."""
-    tokens = pipe.tokenizer(
-        texts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    tokens = tokenize(pipe, texts)
     states = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
     index = (tokens.attention_mask.sum(dim=1) - 2).clamp_min(0).to(states.device)
     return states[torch.arange(len(texts), device=states.device), index]
