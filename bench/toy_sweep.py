@@ -19,10 +19,11 @@ import torch
 
 from crce.erase import Eraser
 from crce.modeling import load_pipeline
+from crce.sample import set_scheduler
 from crce.settings import TrainSettings
 from crce.split import make_split
 from crce.worlds.toy.classifier import load_classifier
-from crce.worlds.toy.world import as_lists, shape_of
+from crce.worlds.toy.world import as_lists, relatives, shape_of
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -62,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = load_pipeline(f"{args.weights}/sd")
+    set_scheduler(pipe, "ddim")  # the workflow's sampler (the toy ships SD v1.4's PNDM config)
     classifier, classes = load_classifier(args.weights)
     split = make_split(as_lists(args.concept, args.concept), seed=args.seed)
     prompts = args.probe or [
@@ -88,11 +90,23 @@ def main() -> None:
         )
         pipe.unet.load_state_dict(original)
     retains = {i.text for i in split.retain_train + split.retain_test}
+    close = {t for t in retains if shape_of(t) in relatives(args.concept)}
+    corefs = {i.text for i in split.coref_train + split.coref_test}
     for name, rows in results.items():
-        kept = [rows[p][0] for p in prompts if p in retains]
-        print(f"\n== {name}: retains kept {sum(kept) / len(kept):.2f}")
+
+        def mean(texts, rows=rows):
+            return sum(rows[p][0] for p in texts) / max(1, len(texts))
+
+        summary = {
+            "setting": name,
+            "target": mean([p for p in prompts if p == args.concept]),
+            "corefs": mean([p for p in prompts if p in corefs]),
+            "close_retains": mean([p for p in prompts if p in close]),
+            "far_retains": mean([p for p in prompts if p in retains - close]),
+        }
+        print(f"\n== {json.dumps(summary)}")
         for prompt, (rate, seen) in rows.items():
-            mark = "R" if prompt in retains else " "
+            mark = "C" if prompt in close else "R" if prompt in retains else " "
             print(f"  {mark} {prompt:18s} {rate:.2f}  {seen}")
 
 
