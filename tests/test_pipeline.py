@@ -102,6 +102,23 @@ def test_a_new_learning_rate_retrains_every_method_and_nothing_upstream(test_wor
     }
 
 
+def test_a_new_trainer_version_retrains_every_concept(test_world, tmp_path):
+    """Weights from an older trainer are never reused: the version is a param of erase."""
+    import shutil
+
+    world = test_world.copy(tmp_path / "world")
+    (world.work / "src").unlink()
+    shutil.copytree(REPO / "src", world.work / "src")
+    settings = world.work / "src" / "crce" / "settings.py"
+    text = settings.read_text()
+    assert "\nTRAINER_VERSION = " in text
+    settings.write_text(text.replace("\nTRAINER_VERSION = ", "\nTRAINER_VERSION = 1 + ", 1))
+    plan = world.plan()
+    assert plan["erase"] == len(TRAINED) * 4  # every trained method of the 4 concepts
+    assert plan["sample"] == len(TRAINED) * 4 and plan["judge"] == 4
+    assert "coref_lists" not in plan and "split" not in plan
+
+
 def test_new_sampling_steps_resample_and_rejudge_without_retraining(test_world):
     plan = test_world.plan(sample={"steps": 4})
     assert plan == {"sample": 32, "judge": 4, "concept_figure": 4, **AGGREGATES, "total": 46}

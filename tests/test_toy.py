@@ -1,5 +1,6 @@
 """The toy world: ontology, servers through the real openai client, training, the demo."""
 
+import json
 import random
 
 import numpy as np
@@ -12,6 +13,7 @@ from crce.concepts import Concept
 from crce.llm import generate_lists, parse_answer, violations
 from crce.serving import ManagedServer
 from crce.settings import JudgeRuntime, JudgeSettings, ListSettings, LlmRuntime
+from crce.worlds.tiny import SD14_SCHEDULER_CONFIG
 from crce.worlds.toy import world
 
 TOY = REPO / "resources" / "toy"
@@ -20,8 +22,6 @@ SERVER = "{python} -m crce.worlds.toy.server --port {port} --model {model} --wei
 
 @pytest.mark.parametrize("shape", world.shapes())
 def test_toy_lists_fit_the_pipelines_rules(shape):
-    import json
-
     answer = parse_answer(json.dumps(world.concept_lists(shape)))
     assert not violations(answer, shape)
     assert all(world.shape_of(i.text) == shape for i in answer.corefs)
@@ -156,8 +156,6 @@ def test_a_toy_concepts_retains_lead_with_its_close_relatives(shape):
 
 @pytest.mark.slow
 def test_shortened_training_end_to_end(tmp_path):
-    import json
-
     from crce.modeling import load_pipeline
     from crce.worlds.toy.classifier import load_classifier
     from crce.worlds.toy.train import train_world
@@ -174,6 +172,26 @@ def test_shortened_training_end_to_end(tmp_path):
     assert classes == world.shapes()
     saved = json.loads((tmp_path / "training.json").read_text())
     assert saved["plan"] == record["plan"] and 0 <= saved["prompt_following"]["mean"] <= 1
+    # What SD v1.4 ships (PNDM): the sampler's switch to DDIM is exercised on the real thing.
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert unstamped(tmp_path.joinpath("sd", *SCHEDULER)) == SD14
+
+
+def unstamped(config_path):
+    """A saved config without the version stamp diffusers adds on save."""
+    return {
+        k: v for k, v in json.loads(config_path.read_text()).items() if k != "_diffusers_version"
+    }
+
+
+SD14 = unstamped(SD14_SCHEDULER_CONFIG)
+SCHEDULER = ("scheduler", "scheduler_config.json")
+
+
+def test_the_shipped_toy_model_keeps_sd14s_scheduler_config():
+    assert (
+        unstamped(TOY.joinpath("sd", *SCHEDULER)) == SD14 and SD14["_class_name"] == "PNDMScheduler"
+    )
 
 
 @pytest.mark.slow
