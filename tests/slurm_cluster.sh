@@ -69,10 +69,23 @@ CONF
 }
 
 stop() {
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
-  pkill -x munged 2>/dev/null || true
-  rm -rf "$STATE"
+  # slurmctld saves its state on SIGTERM, so wait for the daemons to exit before removing
+  # the state directory (removing it under a live slurmctld races with that save).
+  local daemon
+  for daemon in slurmd slurmctld munged; do
+    pkill -x "$daemon" 2>/dev/null || true
+  done
+  for _ in $(seq 30); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+    sleep 1
+  done
+  pkill -9 -x slurmd 2>/dev/null || true
+  pkill -9 -x slurmctld 2>/dev/null || true
+  for _ in $(seq 5); do
+    rm -rf "$STATE" 2>/dev/null && return 0
+    sleep 1
+  done
+  echo "WARNING: could not remove $STATE" >&2
 }
 
 case "${1:-}" in
