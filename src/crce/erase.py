@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .losses import erasure_loss, esd_anchor
-from .modeling import device_for, encode_prompts, load_pipeline
+from .modeling import PARAM_SETS, device_for, encode_prompts, load_pipeline
 from .settings import (
     GROUP_KEYS,
     TRAINER_VERSION,
@@ -53,21 +53,6 @@ from .strategies import STRATEGIES, Prompts, TrainingError
 log = logging.getLogger(__name__)
 
 __all__ = ["Eraser", "TrainingError", "run"]
-
-
-def _is_attn2(name: str) -> bool:
-    return ".attn2." in name
-
-
-# Trained parameter sets, by the names of the official codes (README: "paper vs official code").
-PARAM_SETS = {
-    "xattn-kv": lambda n: _is_attn2(n) and (".to_k." in n or ".to_v." in n),
-    "xattn-qk": lambda n: _is_attn2(n) and (".to_q." in n or ".to_k." in n),
-    "xattn": lambda n: _is_attn2(n),
-    "noxattn": lambda n: (
-        not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
-    ),
-}
 
 
 def master(tensor: torch.Tensor) -> torch.Tensor:
@@ -198,7 +183,6 @@ class Eraser:
             )
         self.shared = s = next(iter(methods.values()))
         self.seed = seed
-        self.pipe = pipe
         self.unet = pipe.unet
         self.device = self.unet.device
         self.autocast = s.precision == "bfloat16" and self.device.type == "cuda"
@@ -305,22 +289,20 @@ class Eraser:
             trainable = [self.target] if plan.esd_term else []
             trainable_batches.append(torch.cat([*trainable, plan.corefs, plan.retains]))
         frozen_context = torch.cat(frozen_batches)
-        frozen_latents = torch.cat(
-            [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(frozen_batches)]
-        )
+        frozen_sizes = [len(b) for b in frozen_batches]
+        trainable_sizes = [len(b) for b in trainable_batches]
         with torch.no_grad():
-            frozen_all = self._unet(frozen_latents, timestep, frozen_context).to(self.dtype)
-        trainable_latents = torch.cat(
-            [xt[k : k + 1].expand(len(b), -1, -1, -1) for k, b in enumerate(trainable_batches)]
-        )
+            frozen_all = self._unet(
+                _each_latent_per_row(xt, frozen_sizes), timestep, frozen_context
+            ).to(self.dtype)
         predictions_all = self._unet(
-            trainable_latents,
+            _each_latent_per_row(xt, trainable_sizes),
             timestep,
             torch.cat(trainable_batches),
-            [len(b) for b in trainable_batches],
+            trainable_sizes,
         )
-        frozen_parts = frozen_all.split([len(b) for b in frozen_batches])
-        prediction_parts = predictions_all.split([len(b) for b in trainable_batches])
+        frozen_parts = frozen_all.split(frozen_sizes)
+        prediction_parts = predictions_all.split(trainable_sizes)
         losses = {}
         for k, method in enumerate(self.names):
             s, plan = self.settings[method], plans[method]
@@ -356,8 +338,7 @@ class Eraser:
         for method, loss in losses.items():
             if not torch.isfinite(loss):
                 raise TrainingError(f"{method}: loss is {loss.item()} at iteration {iteration}")
-        total = sum(losses.values()) if len(losses) > 1 else next(iter(losses.values()))
-        total.backward()
+        sum(losses.values()).backward()
         self.optimizer.step()
         return {method: loss.item() for method, loss in losses.items()}
 
@@ -463,6 +444,11 @@ def _loss_summary(losses: list[float]) -> dict:
     }
 
 
+def _each_latent_per_row(xt: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Method k's x_t repeated once per row of its prompt batch, methods stacked in order."""
+    return torch.cat([xt[k : k + 1].expand(n, -1, -1, -1) for k, n in enumerate(sizes)])
+
+
 def versions() -> dict:
     import diffusers
     import transformers
@@ -541,6 +527,12 @@ def run(
             delta, record = load_delta(pipe.unet, first, concept)
             deltas, summaries = {method: delta}, {method: {"external": record}}
         summaries[method]["wall_seconds"] = time.perf_counter() - began
+    provenance = {
+        "trainer_version": TRAINER_VERSION,
+        "device": str(device),
+        "host": platform.node(),
+        "versions": versions(),
+    }
     for method, output in outputs.items():
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -554,10 +546,7 @@ def run(
             "settings": methods[method],
             "model": model,
             "seed": seed,
-            "trainer_version": TRAINER_VERSION,
-            "device": str(device),
-            "host": platform.node(),
-            "versions": versions(),
+            **provenance,
             **summary,
         }
         (output.parent / "train.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -13,12 +13,12 @@ Formats (`format: auto` tells them apart by what the path holds):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
+from .digests import files_sha256
 from .settings import ExternalSettings
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,8 @@ def load_delta(unet, settings: ExternalSettings, concept: dict) -> tuple[dict, d
             delta[name] = tensor.float().contiguous()
     if not delta:
         raise ExternalError(f"{path}: every tensor equals the base model's: nothing was erased")
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if file.is_file():
-            digest.update(file.read_bytes())
-    record = {"source": str(path), "format": fmt, "sha256": digest.hexdigest()}
+    files = [f for f in sorted(path.rglob("*")) if f.is_file()] if path.is_dir() else [path]
+    record = {"source": str(path), "format": fmt, "sha256": files_sha256(files)}
     record["changed_tensors"] = len(delta)
     log.info("%s (%s): %d of %d UNet tensors differ", path, fmt, len(delta), len(tensors))
     return delta, record

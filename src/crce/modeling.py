@@ -10,6 +10,21 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _is_attn2(name: str) -> bool:
+    return ".attn2." in name
+
+
+# Trained parameter sets, by the names of the official codes (README: "paper vs official code").
+PARAM_SETS = {
+    "xattn-kv": lambda n: _is_attn2(n) and (".to_k." in n or ".to_v." in n),
+    "xattn-qk": lambda n: _is_attn2(n) and (".to_q." in n or ".to_k." in n),
+    "xattn": lambda n: _is_attn2(n),
+    "noxattn": lambda n: (
+        not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
+    ),
+}
+
+
 class ModelLoadError(RuntimeError):
     pass
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .digests import files_sha256
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
 from .settings import (
@@ -82,16 +83,6 @@ def plan_images(split: Split, *, method: str, seed: int, images_per_prompt: int)
                 }
             )
     return pd.DataFrame(rows)
-
-
-def _file_sha256(path: str | Path | None) -> str | None:
-    if not path:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_folder(folder: Path, fingerprint: dict) -> None:
@@ -172,7 +163,7 @@ def draw(
     folder = Path(manifest).parent
     fingerprint = {
         "model": model,
-        "delta_sha256": _file_sha256(delta),
+        "delta_sha256": files_sha256([delta]) if delta else None,
         "settings": settings.as_params(),
         "plan_sha256": hashlib.sha256(
             plan[["prompt", "seed", "path"]].to_json().encode()

@@ -57,8 +57,6 @@ class Strategy:
 
     def __init__(self, settings: TrainSettings, target: str, split, seed: int):
         self.settings = settings
-        self.target = target
-        self.split = split
         self.seed = seed
 
     def texts(self) -> list[str]:

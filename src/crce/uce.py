@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .modeling import tokenize
+from .modeling import PARAM_SETS, tokenize
 from .settings import UceSettings
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,8 @@ log = logging.getLogger(__name__)
 
 def edited_names(unet) -> list[str]:
     """The weights UCE edits: every cross-attention to_k and to_v (32 in SD v1.4)."""
-    return [
-        f"{name}.weight"
-        for name, module in unet.named_modules()
-        if ".attn2." in f".{name}" and name.endswith(("to_k", "to_v"))
-    ]
+    select = PARAM_SETS["xattn-kv"]
+    return [n for n, _ in unet.named_parameters() if select(n) and n.endswith(".weight")]
 
 
 @torch.no_grad()
