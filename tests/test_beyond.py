@@ -145,3 +145,24 @@ def test_the_audit_sheet_is_reproducible_and_scores_humans(tmp_path):
     assert scores["judge"]["accuracy"] == round(expected, 4)
     with pytest.raises(ValueError, match="no row of the sheet has a human answer"):
         score_humans(sheet)
+
+
+def test_only_what_the_neutral_sampler_reads_reruns_it():
+    """`sample_neutral`'s params: the prompt share and its seed, not the KID or reference
+    settings (a change there must not resample every (method, concept) on the GPU)."""
+    from crce.sample import plan_neutral
+
+    prompts = pd.DataFrame({"prompt": [f"p{k}" for k in range(20)]})
+    base = QualitySettings(prompts="x.csv", per_concept=5, seed=1)
+    plan = plan_neutral(prompts, method="sd", concept="cat", **base.neutral_params())
+    assert len(plan) == 5
+    kid = base.model_copy(update={"kid_subsets": 7, "kid_subset_size": 3, "real_images": "r"})
+    assert kid.neutral_params() == base.neutral_params()
+    reseeded = base.model_copy(update={"seed": 2})
+    assert reseeded.neutral_params() != base.neutral_params()
+    other = plan_neutral(prompts, method="sd", concept="cat", **reseeded.neutral_params())
+    assert list(other["prompt"]) != list(plan["prompt"])
+    audit = AuditSettings()
+    bigger_sheet = audit.model_copy(update={"per_concept": 99})
+    assert bigger_sheet.second_judge_params() == audit.second_judge_params()
+    assert audit.model_copy(update={"seed": 3}).second_judge_params() != audit.second_judge_params()

@@ -26,7 +26,6 @@ from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
 from .settings import (
     GROUPS,
-    QualitySettings,
     RobustnessSettings,
     SampleRuntime,
     SampleSettings,
@@ -218,15 +217,13 @@ def run(
 
 # -- beyond Table 1: neutral prompts (quality) and robustness prompts ----------------------
 def plan_neutral(
-    prompts: pd.DataFrame, *, method: str, concept: str, settings: QualitySettings
+    prompts: pd.DataFrame, *, method: str, concept: str, per_concept: int, seed: int
 ) -> pd.DataFrame:
     """The concept's fixed-seed share of the neutral prompts (the same for every method, so
-    each image has its SD twin), one image each."""
+    each image has its SD twin), one image each (`QualitySettings.neutral_params`)."""
     column = "prompt" if "prompt" in prompts.columns else "caption"
-    rng = np.random.default_rng(derive_seed("crce-neutral", settings.seed, concept) % 2**32)
-    chosen = np.sort(
-        rng.choice(len(prompts), size=min(settings.per_concept, len(prompts)), replace=False)
-    )
+    rng = np.random.default_rng(derive_seed("crce-neutral", seed, concept) % 2**32)
+    chosen = np.sort(rng.choice(len(prompts), size=min(per_concept, len(prompts)), replace=False))
     rows = [
         {
             "method": method,
@@ -235,7 +232,7 @@ def plan_neutral(
             "prompt_index": int(k),
             "prompt": prompts[column].iloc[k],
             "image_index": 0,
-            "seed": derive_seed("crce-neutral-image", settings.seed, concept, int(k)),
+            "seed": derive_seed("crce-neutral-image", seed, concept, int(k)),
             "path": f"neutral/{int(k):06d}.png",
         }
         for k in chosen
@@ -245,8 +242,7 @@ def plan_neutral(
 
 def run_neutral(*, prompts, method, concept, quality, settings, runtime, model, delta, manifest):
     """The `sample_neutral` rule: a (method, concept)'s model on its neutral prompts."""
-    plan = plan_neutral(pd.read_csv(prompts), method=method, concept=concept,
-                        settings=QualitySettings(**quality))  # fmt: skip
+    plan = plan_neutral(pd.read_csv(prompts), method=method, concept=concept, **quality)
     draw(plan, manifest, settings=SampleSettings(**settings), runtime=SampleRuntime(**runtime),
          model=model, delta=delta)  # fmt: skip
 

@@ -138,9 +138,10 @@ def group_key(settings: TrainSettings) -> tuple:
     return tuple(getattr(settings, key) for key in GROUP_KEYS)
 
 
-def training_groups(trained: dict, enabled: bool) -> list[list[str]]:
+def training_groups(trained: dict, enabled: bool) -> list[str]:
     """Methods that train as one batched job per concept: the largest set of methods sharing
-    GROUP_KEYS (two or more; the parameter set made of Linear layers), the rest on their own."""
+    GROUP_KEYS (two or more; the parameter set made of Linear layers), the rest on their own;
+    [] when no two methods can share a job."""
     if not enabled:
         return []
     by_key: dict[tuple, list[str]] = {}
@@ -148,7 +149,7 @@ def training_groups(trained: dict, enabled: bool) -> list[list[str]]:
         if is_iterative(settings) and settings.params != "noxattn":  # Linear layers only
             by_key.setdefault(group_key(settings), []).append(name)
     largest = max(by_key.values(), key=len, default=[])
-    return [largest] if len(largest) > 1 else []
+    return largest if len(largest) > 1 else []
 
 
 class TrainRuntime(_Settings):
@@ -158,10 +159,6 @@ class TrainRuntime(_Settings):
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50
     device: str = "auto"
-
-
-# Keys of `train` that change no result: they travel untracked.
-TRAIN_RUNTIME_KEYS = frozenset(TrainRuntime.model_fields)
 
 
 class UceSettings(_Settings):
@@ -197,13 +194,13 @@ class ExternalSettings(_Settings):
 
 
 MethodSettings = TrainSettings | UceSettings | ExternalSettings
-ITERATIVE = ("esd", "crce", "sphere", "realera")
+# The strategies that do not train iteratively, by their settings class.
+NON_ITERATIVE = {"uce": UceSettings, "external": ExternalSettings}
 
 
 def parse_method(params: dict) -> MethodSettings:
     """A method's settings from its params (the strategy says which kind)."""
-    cls = {"uce": UceSettings, "external": ExternalSettings}.get(params["strategy"], TrainSettings)
-    return cls(**params)
+    return NON_ITERATIVE.get(params["strategy"], TrainSettings)(**params)
 
 
 class SettingsError(ValueError):
@@ -211,21 +208,18 @@ class SettingsError(ValueError):
 
 
 def resolve_method(name: str, spec: dict, train: dict, uce: dict | None = None) -> MethodSettings:
-    """A method's settings: for an iterative strategy `train.*` overridden by the method's own
-    keys; for UCE the `uce` defaults overridden by its keys; for an external checkpoint its
-    keys alone (label aside)."""
+    """A method's settings: for an iterative strategy the `train` settings (runtime keys
+    already apart) overridden by the method's own keys; for UCE the `uce` defaults overridden
+    by its keys; for an external checkpoint its keys alone (label aside)."""
     own = {k: v for k, v in spec.items() if k != "label"}
-    if own.get("strategy") in ("uce", "external"):
+    if own.get("strategy") in NON_ITERATIVE:
         base = dict(uce or {}) if own["strategy"] == "uce" else {}
-        cls = UceSettings if own["strategy"] == "uce" else ExternalSettings
         try:
-            return cls(**{**base, **own})
+            return NON_ITERATIVE[own["strategy"]](**{**base, **own})
         except ValueError as err:
             raise SettingsError(f"method {name!r}: {err}") from None
-    merged = {k: v for k, v in train.items() if k not in TRAIN_RUNTIME_KEYS}
-    for key, value in spec.items():
-        if key == "label":
-            continue
+    merged = dict(train)
+    for key, value in own.items():
         nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = {**merged[key], **value} if nested else value  # sphere: key by key
     unknown = sorted(set(merged) - set(TrainSettings.model_fields))
@@ -334,6 +328,11 @@ class QualitySettings(_Settings):
     kid_subsets: int = 100
     kid_subset_size: int = 1000
 
+    def neutral_params(self) -> dict:
+        """What the neutral sampler reads: its params leave out the KID and reference
+        settings, so changing those reruns only the cheap `quality` table, no GPU job."""
+        return self.model_dump(mode="json", include={"per_concept", "seed"})
+
 
 class RobustnessSettings(_Settings):
     """Prompts that depict the target without naming it: from the LLM (K per concept, none
@@ -358,6 +357,10 @@ class AuditSettings(_Settings):
     seed: int = 0
     renders: int = 200  # labelled renders per concept (second_judge: renders)
 
+    def second_judge_params(self) -> dict:
+        """What the second judge reads (the sheet's size is `judge_audit`'s alone)."""
+        return self.model_dump(mode="json", exclude={"per_concept"})
+
 
 def split_known(model: type[_Settings], section: dict) -> tuple[dict, dict]:
     """A config section's keys of `model`, and the rest."""
@@ -370,7 +373,7 @@ class Sweep:
     categories. A cell whose settings equal the method's own is that method (its Table 1 job,
     not a second training); the others are the sweep's own methods, never in Table 1."""
 
-    def __init__(self, sweep: dict | None, trained: dict, split: dict):
+    def __init__(self, sweep: dict | None, trained: dict, n_train: int):
         self.cells: dict[tuple[int, int], str] = {}
         self.trained: dict[str, TrainSettings] = {}
         self.categories: list[str] = list((sweep or {}).get("categories", []))
@@ -380,7 +383,6 @@ class Sweep:
         base = trained.get(name)
         if not isinstance(base, TrainSettings) or base.strategy != "crce":
             raise SettingsError(f"sweep.method {name!r} must be a method with strategy crce")
-        n_train = split.get("n_train", N_TRAIN)
         for m in sweep["n_corefs"]:
             for n in sweep["n_retains"]:
                 if max(m, n) > n_train:
@@ -404,27 +406,25 @@ class Study:
         self.model_build = config["model"].get("build")  # tiny: the workflow builds the model
         self.methods = config["methods"]
         self.labels = {m: method_label(m, spec) for m, spec in self.methods.items()}
-        train = config["train"]
-        self.train_runtime = TrainRuntime(**{k: train[k] for k in TRAIN_RUNTIME_KEYS & set(train)})
+        runtime, train = split_known(TrainRuntime, config["train"])
+        self.train_runtime = TrainRuntime(**runtime)
         self.trained = {
             name: resolve_method(name, spec, train, config.get("uce"))
             for name, spec in self.methods.items()
             if spec["strategy"] != "none"
         }
-        self.sweep = Sweep(config.get("sweep"), self.trained, config["split"])
+        self.split = SplitSettings(seed=self.seed, **config["split"])
+        self.sweep = Sweep(config.get("sweep"), self.trained, self.split.n_train)
         # train.group_methods: one erase job per concept trains Table 1's group, another the
         # sweep's cells (crce.erase); the rest train one method per job.
-        groups = training_groups(self.trained, self.train_runtime.group_methods)
-        self.grouped = groups[0] if groups else []
-        sweep_groups = training_groups(self.sweep.trained, self.train_runtime.group_methods)
-        self.sweep_grouped = sweep_groups[0] if sweep_groups else []
+        self.grouped = training_groups(self.trained, self.train_runtime.group_methods)
+        self.sweep_grouped = training_groups(self.sweep.trained, self.train_runtime.group_methods)
         self.all_trained = {**self.trained, **self.sweep.trained}
         grouped = set(self.grouped) | set(self.sweep_grouped)
         self.solo = [m for m in self.all_trained if m not in grouped]
         llm, corefs = config["llm"], config["corefs"]
         self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
         self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])
-        self.split = SplitSettings(seed=self.seed, **config["split"])
         self.sample = SampleSettings(**split_known(SampleSettings, config["sample"])[0])
         self.sample_runtime = SampleRuntime(**split_known(SampleRuntime, config["sample"])[0])
         self.judge = JudgeSettings(**split_known(JudgeSettings, config["judge"])[0])

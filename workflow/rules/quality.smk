@@ -50,7 +50,7 @@ rule sample_neutral:
         gpu=1,
         runtime=lambda wildcards, attempt: 60 * attempt,
     params:
-        quality=STUDY.quality.as_params() if STUDY.quality else None,
+        quality=STUDY.quality.neutral_params() if STUDY.quality else None,
         settings=STUDY.sample.as_params(),
         model=STUDY.model,
         runtime=untracked(STUDY.sample_runtime),
@@ -222,7 +222,7 @@ rule audit_second:
     resources:
         gpu=1,
     params:
-        settings=STUDY.audit.as_params(),
+        settings=STUDY.audit.second_judge_params(),
         features=STUDY.features.as_params(),
         judge=STUDY.judge.as_params(),
         category=lambda wildcards: CONCEPTS[wildcards.concept].category,
