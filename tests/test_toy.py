@@ -205,3 +205,30 @@ def test_demo_erases_the_target(tmp_path):
     assert table.loc["SD", "object/Acc_U"] >= 80
     assert table.loc["ESD-x", "object/Acc_U"] <= 20
     assert table.loc["CRCE", "object/Acc_U"] <= 20
+
+
+@pytest.mark.parametrize("retain_question", ["retain", "target"])
+def test_labelled_renders_are_labelled_for_the_question_the_judge_will_ask(
+    tmp_path, retain_question
+):
+    """With `judge.retain_question: target` a retain image is asked "is it the target?", so a
+    render labelled yes shows the target's shape (read back by the shipped toy judge)."""
+    from crce.lists import Split, WeightedItem
+    from crce.settings import AuditSettings
+    from crce.worlds.toy.audit import labelled_renders
+    from crce.worlds.toy.classifier import load_classifier, read_image, to_tensor
+
+    lists = world.concept_lists("circle")
+    items = [WeightedItem(**i, weight=1.0) for i in lists["corefs"][:2] + lists["retains"][:2]]
+    split = Split(concept="circle", id="circle", category="object", coref_train=items[:1],
+                  coref_test=items[1:2], retain_train=items[2:3], retain_test=items[3:])  # fmt: skip
+    renders = labelled_renders(
+        split, "object", AuditSettings(renders=20), retain_question, tmp_path
+    )
+    classifier, classes = load_classifier(TOY)
+    yes = renders[renders["truth"] == "yes"]
+    seen = classifier(to_tensor(np.stack([read_image(p) for p in yes["path"]]))).argmax(1)
+    for shape_index, group, prompt in zip(seen, yes["group"], yes["prompt"], strict=True):
+        asked = prompt if group.startswith("coref") or retain_question == "retain" else "circle"
+        expected = world.shape_of(asked) if group != "target" else "circle"
+        assert classes[int(shape_index)] == expected, (group, prompt)

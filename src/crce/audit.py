@@ -49,15 +49,15 @@ def clip_answers(images: pd.DataFrame, split: Split, encoder, template: str) -> 
     )
 
 
-def second_opinion_clip(*, judgments, split_path, features, device, template, output):
+def second_opinion_clip(*, judgments, split_path, features, runtime, template, output):
     """The `audit_second` rule (clip): the VLM judge's answers beside CLIP's."""
     from .lists import read_split
-    from .quality import encoder
+    from .vision import encoder
 
     split = read_split(split_path)
     judged = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
     images = judged[judged["answer"].isin(["yes", "no"])].copy()
-    images["second"] = clip_answers(images, split, encoder(features, device), template)
+    images["second"] = clip_answers(images, split, encoder(features, runtime), template)
     images = images.rename(columns={"answer": "judge"}).assign(reference="clip")
     images[[*COLUMNS, "judge", "second", "reference"]].to_parquet(output, index=False)
 
@@ -69,16 +69,14 @@ def second_opinion_renders(
     world's), its answers beside the ground truth."""
     from .judge import judge_manifests
     from .lists import read_split
-    from .settings import JudgeRuntime, JudgeSettings
     from .worlds.toy.audit import labelled_renders
 
     split = read_split(split_path)
     folder = Path(output).with_suffix("")
-    renders = labelled_renders(split, category, AuditSettings(**settings), folder)
+    renders = labelled_renders(split, category, settings, judge_settings.retain_question, folder)
     renders.drop(columns="truth").to_parquet(folder / "manifest.parquet", index=False)
     judge_manifests([str(folder / "manifest.parquet")], [str(folder / "renders.parquet")],
-                    settings=JudgeSettings(**judge_settings),
-                    runtime=JudgeRuntime(**judge_runtime), cache_path=cache,
+                    settings=judge_settings, runtime=judge_runtime, cache_path=cache,
                     server_log=server_log, progress=False)  # fmt: skip
     judged = pd.read_parquet(folder / "renders.parquet")
     rows = judged.assign(second=renders["truth"].to_numpy(), reference="truth")

@@ -18,34 +18,19 @@ classifier's penultimate layer (no text tower: no CLIP score there).
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .settings import FeatureSettings, QualitySettings
+from .settings import FeatureRuntime, FeatureSettings, QualitySettings
 from .stats import clip_score, frechet_distance, kid, mean_ci
-
-log = logging.getLogger(__name__)
-Z95 = 1.959964
 
 
 # -- embeddings ----------------------------------------------------------------------------
-def encoder(settings: FeatureSettings, device: str):
-    """The image (and text) embedding: CLIP, or the toy classifier's features."""
-    if settings.kind == "toy":
-        from .worlds.toy.classifier import ToyFeatures
-
-        return ToyFeatures(settings.pretrained)
-    from .vision import ClipFeatures
-
-    return ClipFeatures(settings.pretrained, device)
-
-
 def embed(
-    manifests: list[str], settings: FeatureSettings, device: str, batch_size: int, output: str
+    manifests: list[str], settings: FeatureSettings, runtime: FeatureRuntime, output: str
 ) -> None:
     """The `features` rule: embeddings of a (method, concept)'s retain and neutral images, and
     each neutral image's CLIP score against its prompt."""
@@ -54,8 +39,10 @@ def embed(
         frame = pd.read_parquet(path)
         frames.append(frame[frame["group"].isin(["retain_train", "retain_test", "neutral"])])
     images = pd.concat(frames, ignore_index=True)
-    model = encoder(settings, device)
-    features = model.images(list(images["path"]), batch_size=batch_size)
+    from .vision import encoder
+
+    model = encoder(settings, runtime)
+    features = model.images(list(images["path"]))
     images["feature"] = list(features.astype(np.float32))
     images["clip_score"] = math.nan
     neutral = (images["group"] == "neutral").to_numpy()
@@ -74,15 +61,17 @@ def _row(method, scope, metric, value, n, spread, kind) -> dict:
 
 
 def _ci(values) -> tuple[float, float]:
-    mean, low, _ = mean_ci(np.asarray(values, dtype=float))
-    return mean, mean - low if not math.isnan(low) else math.nan
+    """The mean and its 95% CI half-width (NaN for a single value)."""
+    mean, low, _ = mean_ci(values)
+    return mean, mean - low
 
 
-def _bootstrap_fd(a, b, rounds=20, seed=0) -> float:
-    rng = np.random.default_rng(seed)
+def _bootstrap_fd(a, b) -> float:
+    """The Fréchet distance's spread: its standard deviation over 20 seeded resamplings."""
+    rng = np.random.default_rng(0)
     values = [
         frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
-        for _ in range(rounds)
+        for _ in range(20)
     ]
     return float(np.std(values, ddof=1))
 
@@ -142,12 +131,11 @@ def quality_table(
                     "bootstrap_sd",
                 )
             )
-            size = min(settings.kid_subset_size, len(stacked), len(reference))
             mean, se = kid(
                 stacked,
                 reference,
                 subsets=settings.kid_subsets,
-                subset_size=size,
+                subset_size=settings.kid_subset_size,
                 seed=settings.seed,
             )
             rows.append(_row(label, "coco", f"kid_vs_{name}", mean, len(stacked), se, "se"))
@@ -168,11 +156,7 @@ def run_quality(
     figure: str,
 ) -> None:
     """The `quality` rule."""
-    from .modeling import device_for
-    from .settings import FeatureRuntime
-
     settings = QualitySettings(**settings)
-    device = str(device_for(FeatureRuntime(**runtime).device))
     frame = pd.concat([pd.read_parquet(p) for p in features], ignore_index=True)
     real = None
     if settings.real_images:
@@ -181,7 +165,9 @@ def run_quality(
             for p in Path(settings.real_images).rglob("*")
             if p.suffix.lower() in (".png", ".jpg", ".jpeg")
         )
-        real = encoder(FeatureSettings(**feature_settings), device).images(paths)
+        from .vision import encoder
+
+        real = encoder(FeatureSettings(**feature_settings), FeatureRuntime(**runtime)).images(paths)
     table = quality_table(frame, categories, labels, settings, real)
     table.to_csv(output, index=False, float_format="%.6g")
     from .figures import quality_bars
@@ -190,9 +176,4 @@ def run_quality(
 
 
 def run_features(*, manifests: list[str], settings: dict, runtime: dict, output: str) -> None:
-    from .modeling import device_for
-    from .settings import FeatureRuntime
-
-    runtime = FeatureRuntime(**runtime)
-    device = str(device_for(runtime.device))
-    embed(manifests, FeatureSettings(**settings), device, runtime.batch_size, output)
+    embed(manifests, FeatureSettings(**settings), FeatureRuntime(**runtime), output)

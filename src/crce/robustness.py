@@ -8,14 +8,11 @@ Acc_P, the share still showing it, is reported beside Acc_U."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from .concepts import Concept
 from .lists import Split
 from .settings import ListSettings, LlmRuntime, RobustnessSettings
-
-log = logging.getLogger(__name__)
 
 
 def build_prompts(

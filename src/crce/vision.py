@@ -4,30 +4,43 @@ default, fetched by `download`; the test world builds a tiny random one)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from .modeling import device_for
+from .settings import FeatureRuntime, FeatureSettings
+
+
+def encoder(settings: FeatureSettings, runtime: FeatureRuntime):
+    """The image (and text) embedding, on the runtime's device and batch size: CLIP, or the
+    toy classifier's features."""
+    if settings.kind == "toy":
+        from .worlds.toy.classifier import ToyFeatures
+
+        return ToyFeatures(settings.pretrained, batch_size=runtime.batch_size)
+    device = device_for(runtime.device)
+    return ClipFeatures(settings.pretrained, device, batch_size=runtime.batch_size)
 
 
 class ClipFeatures:
     """L2-normalised CLIP embeddings of images (files) and texts."""
 
-    def __init__(self, pretrained: str, device: str | torch.device = "cpu"):
+    def __init__(self, pretrained: str, device: str | torch.device = "cpu", batch_size: int = 64):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+        self.batch_size = batch_size
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(pretrained).to(self.device).eval()
         self.processor = CLIPImageProcessor.from_pretrained(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
 
     @torch.no_grad()
-    def images(self, paths: list[str | Path], batch_size: int = 64) -> np.ndarray:
+    def images(self, paths: list[str | Path]) -> np.ndarray:
         from PIL import Image
 
+        batch_size = self.batch_size
         out = []
         for start in range(0, len(paths), batch_size):
             batch = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]

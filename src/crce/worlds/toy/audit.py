@@ -15,8 +15,11 @@ from ...settings import GROUPS, AuditSettings, derive_seed
 from .world import render, shape_of, shapes
 
 
-def labelled_renders(split, category: str, settings: AuditSettings, folder: Path) -> pd.DataFrame:
-    """A manifest of renders with a `truth` column (does the image show what is asked?)."""
+def labelled_renders(
+    split, category: str, settings: AuditSettings, retain_question: str, folder: Path
+) -> pd.DataFrame:
+    """A manifest of renders with a `truth` column (does the image show what is asked?), the
+    question read as the judge will ask it (`judge.retain_question`)."""
     rng = random.Random(derive_seed("crce-audit-renders", settings.seed, split.id))
     prompts = [("target", split.concept)] + [
         (group, item.text) for group in GROUPS[1:] for item in getattr(split, group)
@@ -25,7 +28,7 @@ def labelled_renders(split, category: str, settings: AuditSettings, folder: Path
     rows = []
     for k in range(settings.renders):
         group, prompt = prompts[k % len(prompts)]
-        question = judge_question(group, prompt, split.concept, "retain")
+        question = judge_question(group, prompt, split.concept, retain_question)
         asked = shape_of(question)
         truth = k % 2 == 0  # half show the asked shape, half another one
         shown = asked if truth else rng.choice([s for s in shapes() if s != asked])

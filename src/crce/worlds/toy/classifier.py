@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,18 @@ class ShapeClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x in [-1, 1], NCHW."""
         return self.head(self.features(x).flatten(1))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[n, H, W, 3] uint8 images as the classifier's input: NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def read_image(source) -> np.ndarray:
+    """An image file (path or file object) as the classifier sees it: RGB, 32 x 32."""
+    from PIL import Image
+
+    return np.asarray(Image.open(source).convert("RGB").resize((32, 32)))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -61,21 +74,16 @@ class ToyFeatures:
     """Image embeddings from the shape classifier's penultimate layer (L2-normalised): the toy
     world's stand-in for CLIP's image tower in the quality target. No text tower."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, batch_size: int = 256):
         self.model, self.classes = load_classifier(folder)
+        self.batch_size = batch_size
 
     @torch.no_grad()
-    def images(self, paths, batch_size: int = 256):
-        import numpy as np
-        from PIL import Image
-
+    def images(self, paths):
+        batch_size = self.batch_size
         out = []
         for start in range(0, len(paths), batch_size):
-            batch = [
-                np.asarray(Image.open(p).convert("RGB").resize((32, 32)))
-                for p in paths[start : start + batch_size]
-            ]
-            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
-            features = self.model.features(x).flatten(1)
+            batch = np.stack([read_image(p) for p in paths[start : start + batch_size]])
+            features = self.model.features(to_tensor(batch)).flatten(1)
             out.append(torch.nn.functional.normalize(features, dim=1).numpy())
         return np.concatenate(out)

@@ -19,11 +19,9 @@ import re
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .classifier import load_classifier
+from .classifier import load_classifier, read_image, to_tensor
 from .world import concept_lists, shape_of
 
 _CONCEPT = re.compile(r'concept "([^"]+)"')
@@ -51,9 +49,8 @@ class ToyWorld:
 
     @torch.no_grad()
     def judge(self, image_png: bytes, question: str) -> tuple[str, float]:
-        image = np.asarray(Image.open(io.BytesIO(image_png)).convert("RGB").resize((32, 32)))
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-        probs = self.classifier(x).softmax(1)[0]
+        image = read_image(io.BytesIO(image_png))
+        probs = self.classifier(to_tensor(image[None])).softmax(1)[0]
         asked = shape_of(question)
         if asked is None:
             return "no", 0.0

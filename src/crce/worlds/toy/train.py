@@ -22,20 +22,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..tiny import SD14_SCHEDULER_CONFIG, clip_text_encoder, save_pipeline, vae_model
 from ..tokenizer import build_tokenizer
-from .classifier import ShapeClassifier, augment, save_classifier
+from .classifier import ShapeClassifier, augment, save_classifier, to_tensor
 from .world import dataset, ontology, shapes, vocabulary
 
 log = logging.getLogger(__name__)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def build_models(tokenizer_dir: Path, seed: int = 0):
