@@ -24,10 +24,11 @@ rule judge:
         "../scripts/judge.py"
 
 
-# Paper Table 6's own cells: judged apart, so they never enter Table 1's judging.
+# Paper Table 6's own cells: judged as Table 1's images (rule judge), apart, so they never
+# enter Table 1's judging.
 if SWEEP_ONLY:
 
-    rule judge_sweep:
+    use rule judge as judge_sweep with:
         input:
             sweep_manifests,
         output:
@@ -39,16 +40,6 @@ if SWEEP_ONLY:
             "logs/judge/sweep/{concept}.log",
         wildcard_constraints:
             concept=one_of(SWEEP_CONCEPTS),
-        retries: 2
-        conda:
-            "../../envs/judge.yaml"
-        resources:
-            gpu=1 if STUDY.judge_runtime.serve else 0,
-            runtime=lambda wildcards, attempt: 120 * attempt,
         params:
-            settings=STUDY.judge.as_params(),
-            runtime=untracked(STUDY.judge_runtime),
             cache="results/judge_cache/{concept}.sweep.jsonl",
             server_log="logs/judge/sweep/{concept}.server.log",
-        script:
-            "../scripts/judge.py"

@@ -158,7 +158,8 @@ rule sample_robust:
         "../scripts/sample_robust.py"
 
 
-rule judge_robust:
+# Judged exactly as Table 1's images (rule judge), with a cache and logs of their own.
+use rule judge as judge_robust with:
     input:
         expand(
             "results/robustness/images/{method}/{{concept}}/manifest.parquet",
@@ -170,19 +171,12 @@ rule judge_robust:
         ),
     log:
         "logs/robustness/judge/{concept}.log",
-    retries: 2
-    conda:
-        "../../envs/judge.yaml"
     resources:
         gpu=1 if STUDY.judge_runtime.serve else 0,
         runtime=lambda wildcards, attempt: 60 * attempt,
     params:
-        settings=STUDY.judge.as_params(),
-        runtime=untracked(STUDY.judge_runtime),
         cache="results/judge_cache/{concept}.robust.jsonl",
         server_log="logs/robustness/judge/{concept}.server.log",
-    script:
-        "../scripts/judge.py"
 
 
 rule robustness:
