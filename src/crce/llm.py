@@ -84,8 +84,8 @@ def response_schema() -> dict:
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
-def parse_answer(raw: str) -> _Answer:
-    """Parse the model's text (bare JSON or JSON in a markdown fence)."""
+def parse_answer(raw: str, model: type[BaseModel] = _Answer) -> BaseModel:
+    """Parse the model's text (bare JSON or JSON in a markdown fence) into `model`."""
     match = _FENCE.match(raw or "")
     text = match.group(1) if match else (raw or "").strip()
     try:
@@ -93,7 +93,7 @@ def parse_answer(raw: str) -> _Answer:
     except json.JSONDecodeError as err:
         raise ValueError(f"the answer is not valid JSON ({err.msg} at char {err.pos})") from err
     try:
-        return _Answer.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ValueError(
             f"the JSON does not have the required shape ({describe_errors(err)})"
@@ -297,12 +297,7 @@ def generate_paraphrases(
     }
 
     def check(raw):
-        try:
-            answer = _Paraphrases.model_validate_json(_FENCE.sub(r"\1", raw.strip()))
-        except ValidationError as err:
-            raise ValueError(
-                f'the answer is not {{"prompts": [...]}} ({describe_errors(err)})'
-            ) from err
+        answer = parse_answer(raw, _Paraphrases)
         prompts = [p.strip() for p in answer.prompts]
         return prompts, paraphrase_violations(prompts, k, concept.text, corefs)
 
