@@ -176,12 +176,16 @@ async def _judge_rows(
             raw, answer = choice.message.content, read_answer(choice.message.content)
         if answer is None:
             log.warning("unreadable judge answer %r for %s: recorded as invalid", raw, row["path"])
-        p_yes = p_yes_from(choice) if answer else None
+        p_yes = None
+        if answer:  # the yes probability from logprobs, else the answer itself (0 or 1)
+            p_yes = p_yes_from(choice)
+            if p_yes is None:
+                p_yes = float(answer == "yes")
         cache.add(
             {
                 "key": row["key"],
                 "answer": answer or INVALID,
-                "p_yes": p_yes if p_yes is not None or not answer else float(answer == "yes"),
+                "p_yes": p_yes,
                 "raw_answer": raw,
                 "judge_model": settings.model,
                 "prompt_version": settings.prompt_version,

@@ -69,16 +69,17 @@ class Strategy:
     def plan(self, iteration: int, generator: torch.Generator) -> Plan:
         raise NotImplementedError
 
-    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prompts.target[:0], torch.zeros(0, device=self.device)
+    def _esd_only(self) -> Plan:
+        """The target's anchor term alone: no corefs, no retains."""
+        empty, none = self.prompts.target[:0], torch.zeros(0, device=self.device)
+        return Plan(True, empty, none, empty, none)
 
 
 class Esd(Strategy):
     """ESD-x: the target's anchor term only (M = N = 0). Draws nothing."""
 
     def plan(self, iteration, generator):
-        empty, none = self._empty()
-        return Plan(True, empty, none, empty, none)
+        return self._esd_only()
 
 
 class Lists(Strategy):
@@ -143,6 +144,7 @@ def sphere_neighbours(
     `radius` (absolute) or `radius * |e|` (relative). Returns [M, 2, L, D] and [N, 2, L, D]."""
     e = stack.to(torch.promote_types(stack.dtype, torch.float32))
     limit = sphere.radius * (e.norm().item() if sphere.radius_mode == "relative" else 1.0)
+    flat = e.flatten()
     draws = 0
 
     def draw(accept) -> torch.Tensor:
@@ -151,9 +153,9 @@ def sphere_neighbours(
             draws += 1
             v = torch.randn(e.shape, generator=generator)
             r = torch.rand(1, generator=generator).item() * limit
-            direction = (v - e) / (v - e).norm()
-            neighbour = e + r * direction
-            cos = torch.nn.functional.cosine_similarity(e.flatten(), neighbour.flatten(), dim=0)
+            offset = v - e
+            neighbour = e + r * (offset / offset.norm())
+            cos = torch.nn.functional.cosine_similarity(flat, neighbour.flatten(), dim=0)
             if accept(cos.item()):
                 return neighbour
         raise TrainingError(
@@ -179,10 +181,15 @@ class Sphere(Strategy):
 
     reduce: ClassVar[str] = "mean"
 
+    def prepare(self, prompts: Prompts, device: torch.device) -> None:
+        super().prepare(prompts, device)
+        self.stack = torch.cat([prompts.uncond, prompts.target]).cpu()  # the same every draw
+
     def neighbours(self, generator) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
-        stack = torch.cat([self.prompts.uncond, self.prompts.target]).cpu()
-        corefs, retains = sphere_neighbours(stack, s.n_corefs, s.n_retains, s.sphere, generator)
+        corefs, retains = sphere_neighbours(
+            self.stack, s.n_corefs, s.n_retains, s.sphere, generator
+        )
         return corefs[:, 1].to(self.device), retains[:, 1].to(self.device)
 
     def plan(self, iteration, generator):
@@ -207,8 +214,7 @@ class RealEra(Sphere):
 
     def plan(self, iteration, generator):
         if iteration % 2:
-            empty, none = self._empty()
-            return Plan(True, empty, none, empty, none)
+            return self._esd_only()
         plan = super().plan(iteration, generator)
         plan.esd_term = False
         return plan
