@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .lists import Split
-from .settings import AuditSettings, derive_seed
+from .settings import ANSWERS, AuditSettings, derive_seed
 from .stats import agreement, cohen_kappa
 
 COLUMNS = ["method", "concept", "category", "group", "prompt", "question", "image_index", "path"]
@@ -56,7 +56,7 @@ def second_opinion_clip(*, judgments, split_path, features, runtime, template, o
 
     split = read_split(split_path)
     judged = pd.concat([pd.read_parquet(p) for p in judgments], ignore_index=True)
-    images = judged[judged["answer"].isin(["yes", "no"])].copy()
+    images = judged[judged["answer"].isin(ANSWERS)].copy()
     images["second"] = clip_answers(images, split, encoder(features, runtime), template)
     images = images.rename(columns={"answer": "judge"}).assign(reference="clip")
     images[[*COLUMNS, "judge", "second", "reference"]].to_parquet(output, index=False)
@@ -80,7 +80,7 @@ def second_opinion_renders(
                     server_log=server_log, progress=False)  # fmt: skip
     judged = pd.read_parquet(folder / "renders.parquet")
     rows = judged.assign(second=renders["truth"].to_numpy(), reference="truth")
-    rows = rows[rows["answer"].isin(["yes", "no"])].rename(columns={"answer": "judge"})
+    rows = rows[rows["answer"].isin(ANSWERS)].rename(columns={"answer": "judge"})
     rows[[*COLUMNS, "judge", "second", "reference"]].to_parquet(output, index=False)
 
 
@@ -142,7 +142,7 @@ def run_audit(*, rows: list[str], settings: dict, table: str, sheet: str, page: 
 
 def score_humans(sheet: pd.DataFrame) -> dict:
     """Each judge's accuracy and kappa against the humans' answers (rows they filled)."""
-    filled = sheet[sheet["human"].astype(str).str.strip().str.lower().isin(["yes", "no"])]
+    filled = sheet[sheet["human"].astype(str).str.strip().str.lower().isin(ANSWERS)]
     human = list(filled["human"].str.strip().str.lower())
     if not human:
         raise ValueError("no row of the sheet has a human answer (yes or no) yet")

@@ -22,11 +22,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from tqdm import tqdm
 
 from .serving import TRANSIENT, call_served, openai_client
-from .settings import JudgeRuntime, JudgeSettings
+from .settings import ANSWERS, JudgeRuntime, JudgeSettings
 
 log = logging.getLogger(__name__)
 
-CHOICES = ["yes", "no"]
+CHOICES = list(ANSWERS)
 
 
 def image_sha256(path: str | Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .paper import PAPER_TABLE1, PAPER_TABLE2
-from .settings import CATEGORIES, METRICS
+from .settings import ANSWERS, CATEGORIES, METRICS
 
 # The paper's Table 1 row order; labels come from each method's config.
 PAPER_ORDER = tuple(PAPER_TABLE1)
@@ -31,7 +31,7 @@ def compute_metrics(judgments: pd.DataFrame, labels: dict[str, str]) -> pd.DataF
     rows = []
     keys = ["method", "concept", "category", "group"]
     for (method, concept, category, group), frame in judgments.groupby(keys, sort=False):
-        valid = frame[frame["answer"].isin(["yes", "no"])]
+        valid = frame[frame["answer"].isin(ANSWERS)]
         yes = int((valid["answer"] == "yes").sum())
         n = len(valid)
         low, high = wilson(yes, n)
@@ -61,10 +61,21 @@ def method_order(methods: list[str], labels: dict[str, str]) -> list[str]:
     return known + [m for m in methods if labels[m] not in rank]
 
 
+def categories_in(frame: pd.DataFrame) -> list[str]:
+    """The categories `frame` has, in Table 1's order."""
+    return [c for c in CATEGORIES if c in set(frame["category"])]
+
+
+def category_means(metrics: pd.DataFrame) -> pd.Series:
+    """Table 1's cells: accuracy in %, averaged over each category's concepts, by (method,
+    category, metric)."""
+    return metrics.groupby(["method", "category", "metric"])["accuracy"].mean() * 100
+
+
 def table1(metrics: pd.DataFrame, methods: list[str], labels: dict[str, str]) -> pd.DataFrame:
     """Rows = methods; columns `{category}/{metric}`: mean over the category's concepts, in %."""
-    categories = [c for c in CATEGORIES if c in set(metrics["category"])]
-    means = metrics.groupby(["method", "category", "metric"])["accuracy"].mean() * 100
+    categories = categories_in(metrics)
+    means = category_means(metrics)
     rows = []
     for method in method_order(methods, labels):
         row = {"method": labels[method]}
@@ -193,10 +204,10 @@ def table6(judgments: pd.DataFrame, cells: dict[str, tuple[int, int]]) -> pd.Dat
     """Paper Table 6: one row per (M, N, category) with the five metrics, in percent (means
     over the category's concepts, as Table 1)."""
     metrics = compute_metrics(judgments, {m: m for m in cells})
-    means = metrics.groupby(["method", "category", "metric"])["accuracy"].mean() * 100
+    means = category_means(metrics)
     rows = []
     for method, (m, n) in cells.items():
-        for category in [c for c in CATEGORIES if c in set(metrics["category"])]:
+        for category in categories_in(metrics):
             row = {"M": m, "N": n, "category": category}
             for metric in METRICS.values():
                 row[metric] = round(float(means.get((method, category, metric), math.nan)), 2)
@@ -221,7 +232,7 @@ def retains_by_distance(
     median = retains.groupby("id")["cosine"].transform("median")
     retains["closeness"] = (retains["cosine"] > median).map({True: "close", False: "far"})
     judged = judgments[judgments["group"].str.startswith("retain")]
-    judged = judged[judged["answer"].isin(["yes", "no"])].merge(
+    judged = judged[judged["answer"].isin(ANSWERS)].merge(
         retains[["id", "text", "closeness"]],
         left_on=["concept", "prompt"],
         right_on=["id", "text"],
@@ -233,7 +244,7 @@ def retains_by_distance(
     counts = judged.groupby(["method", "category", "closeness"]).size()
     rows = []
     for method in method_order(list(labels), labels):
-        for category in [c for c in CATEGORIES if c in set(judged["category"])]:
+        for category in categories_in(judged):
             close = means.get((method, category, "close"), math.nan)
             far = means.get((method, category, "far"), math.nan)
             rows.append(
@@ -261,16 +272,11 @@ def run_retains_by_distance(
 def robustness_table(judgments: pd.DataFrame, metrics: pd.DataFrame, labels: dict) -> pd.DataFrame:
     """Acc_P per method, category and prompt kind (and all kinds), beside Acc_U; in percent,
     means over concepts as Table 1, with the pooled 95% Wilson interval and n."""
-    valid = judgments[judgments["answer"].isin(["yes", "no"])].assign(
-        yes=lambda f: f["answer"] == "yes"
-    )
-    acc_u = (
-        metrics[metrics["metric"] == "Acc_U"].groupby(["method", "category"])["accuracy"].mean()
-        * 100
-    )
+    valid = judgments[judgments["answer"].isin(ANSWERS)].assign(yes=lambda f: f["answer"] == "yes")
+    acc_u = category_means(metrics).xs("Acc_U", level="metric")
     rows = []
     for method in method_order([m for m in labels if m in set(valid["method"])], labels):
-        for category in [c for c in CATEGORIES if c in set(valid["category"])]:
+        for category in categories_in(valid):
             mine = valid[(valid["method"] == method) & (valid["category"] == category)]
             for kind in [*sorted(set(mine["group"])), "all"]:
                 part = mine if kind == "all" else mine[mine["group"] == kind]

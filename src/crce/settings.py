@@ -22,6 +22,8 @@ Category = Literal["object", "ip", "celebrity"]
 CATEGORIES = get_args(Category)  # Table 1's column groups, in its order
 LIST_LENGTH = 15  # corefs and retains per concept (paper: 15 + 15)
 N_TRAIN, N_TEST = 10, 5  # the paper's split of each list
+# The judge's readable answers; anything else is recorded as invalid and counted apart.
+ANSWERS = ("yes", "no")
 # The groups of a concept's prompts, in Table 1's column order.
 GROUPS = ("target", "coref_train", "coref_test", "retain_train", "retain_test")
 # Table 1's metric of each group: the share of images the judge says show the prompt's concept.
