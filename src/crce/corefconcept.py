@@ -118,8 +118,16 @@ def _items(entry: dict, part: str, concept: str, warnings: list[Warning_]) -> li
     return items
 
 
-def import_entry(entry: dict, concept: Concept, source_file: str) -> ConceptLists:
-    """Turn one dataset entry into the project's list file, keeping the dataset's split."""
+def import_entry(
+    entry: dict,
+    concept: Concept,
+    source_file: str,
+    *,
+    origin: str | None = None,
+    sha256: str | None = None,
+) -> ConceptLists:
+    """Turn one dataset entry into the project's list file, keeping the dataset's split; the
+    provenance names the file, where it came from and its sha256."""
     warnings: list[Warning_] = []
     parts = {part: _items(entry, part, concept.text, warnings) for part in PARTS}
     if entry.get("type", "").casefold() not in ("", concept.category):
@@ -143,5 +151,11 @@ def import_entry(entry: dict, concept: Concept, source_file: str) -> ConceptList
             retain_train=[i.text for i in parts["train-retain"]],
             retain_test=[i.text for i in parts["test-retain"]],
         ),
-        provenance=Provenance(source="corefconcept", model=source_file, warnings=warnings),
+        provenance=Provenance(
+            source="corefconcept",
+            model=source_file,
+            warnings=warnings,
+            origin=origin,
+            sha256=sha256,
+        ),
     )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 
 from .concepts import Concept
 from .corefconcept import find_entry, import_entry
+from .digests import files_sha256
 from .lists import ConceptLists, Provenance, Warning_, describe_errors, write_model
 from .llm import generate_lists
 from .serving import call_served
@@ -75,15 +75,12 @@ def build_lists(
         if found:
             entry, source_file = found
             log.info("%s: CorefConcept entry in %s", concept.text, source_file)
-            lists = import_entry(entry, concept, source_file.name)
-            origin = f"{settings.dataset.rstrip('/')}/{source_file.name}"
-            digest = hashlib.sha256(source_file.read_bytes()).hexdigest()
-            return lists.model_copy(
-                update={
-                    "provenance": lists.provenance.model_copy(
-                        update={"origin": origin, "sha256": digest}
-                    )
-                }
+            return import_entry(
+                entry,
+                concept,
+                source_file.name,
+                origin=f"{settings.dataset.rstrip('/')}/{source_file.name}",
+                sha256=files_sha256([source_file]),
             )
         log.info(
             "%s: not in the CorefConcept dataset (%s): asking the LLM", concept.text, dataset_file
