@@ -297,7 +297,10 @@ def generate_paraphrases(
     }
 
     def check(raw):
-        answer = parse_answer(raw, _Paraphrases)
+        try:
+            answer = parse_answer(raw, _Paraphrases)
+        except ValueError as err:  # the re-ask names the shape it wants
+            raise ValueError(f'the answer is not {{"prompts": [...]}}: {err}') from err
         prompts = [p.strip() for p in answer.prompts]
         return prompts, paraphrase_violations(prompts, k, concept.text, corefs)
 

@@ -273,7 +273,7 @@ def robustness_table(judgments: pd.DataFrame, metrics: pd.DataFrame, labels: dic
     """Acc_P per method, category and prompt kind (and all kinds), beside Acc_U; in percent,
     means over concepts as Table 1, with the pooled 95% Wilson interval and n."""
     valid = judgments[judgments["answer"].isin(ANSWERS)].assign(yes=lambda f: f["answer"] == "yes")
-    acc_u = category_means(metrics).xs("Acc_U", level="metric")
+    means = category_means(metrics)
     rows = []
     for method in method_order([m for m in labels if m in set(valid["method"])], labels):
         for category in categories_in(valid):
@@ -285,7 +285,7 @@ def robustness_table(judgments: pd.DataFrame, metrics: pd.DataFrame, labels: dic
                     "method": labels[method], "category": category, "prompts": kind,
                     "Acc_P": round(part.groupby("concept")["yes"].mean().mean() * 100, 2),
                     "n": len(part), "ci_low": round(low * 100, 2), "ci_high": round(high * 100, 2),
-                    "Acc_U": round(float(acc_u.get((method, category), float("nan"))), 2),
+                    "Acc_U": round(float(means.get((method, category, "Acc_U"), math.nan)), 2),
                 })  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -321,7 +321,7 @@ class FeatureRuntime(_Settings):
 class QualitySettings(_Settings):
     """General quality on neutral prompts and collateral damage on retain images."""
 
-    # CSV with a `prompt` column: a URL (fetched by `download`) or a local file.
+    # CSV with a `prompt` column: a URL (fetched on the login node, local rule) or a local file.
     prompts: str
     prompts_sha256: str | None = None
     per_concept: int = 100  # neutral prompts each concept's model draws (fixed-seed subset)
@@ -332,7 +332,7 @@ class QualitySettings(_Settings):
 
     def neutral_params(self) -> dict:
         """What the neutral sampler reads: its params leave out the KID and reference
-        settings, so changing those reruns only the cheap `quality` table, no GPU job."""
+        settings, so changing those reruns the `quality` table, no sampling job."""
         return self.model_dump(mode="json", include={"per_concept", "seed"})
 
 

@@ -1,5 +1,5 @@
-"""CLIP image and text features, for the evaluation targets beyond Table 1 (quality, the
-judge audit): a CLIPModel loaded with from_pretrained (openai/clip-vit-large-patch14 by
+"""Image (and text) features for the evaluation targets beyond Table 1 (quality, the judge
+audit): `encoder` picks CLIP or the toy world's classifier. CLIP is a CLIPModel loaded with from_pretrained (openai/clip-vit-large-patch14 by
 default, fetched by `download`; the test world builds a tiny random one)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from .settings import FeatureRuntime, FeatureSettings
 
 
 def encoder(settings: FeatureSettings, runtime: FeatureRuntime):
-    """The image (and text) embedding, on the runtime's device and batch size: CLIP, or the
-    toy classifier's features."""
+    """The image (and text) embedding at the runtime's batch size: CLIP on the runtime's
+    device, or the toy classifier's features (CPU)."""
     if settings.kind == "toy":
         from .worlds.toy.classifier import ToyFeatures
 
