@@ -394,3 +394,22 @@ def test_methods_that_cannot_share_a_rollout_do_not_group(tiny_model, cat_split)
     settings["crce"] = settings["crce"].model_copy(update={"ddim_steps": 8})
     with pytest.raises(TrainingError, match="cannot train as one group"):
         Eraser(load_pipeline(tiny_model), settings, "cat", cat_split, seed=1)
+
+
+def test_a_delta_file_is_the_same_bytes_every_time_it_is_saved(tmp_path):
+    """The sampler fingerprints a delta by its sha256: equal tensors must mean equal files."""
+    import json
+
+    from safetensors import safe_open
+
+    from crce.erase import save_delta
+
+    tensors = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.weight": torch.ones(3)}
+    files = []
+    for k in range(16):
+        path = tmp_path / f"{k}.safetensors"
+        save_delta(tensors, path, method="esd-x", concept="cat")
+        files.append(path.read_bytes())
+    assert all(f == files[0] for f in files)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["crce"]) == {"concept": "cat", "method": "esd-x"}

@@ -444,6 +444,16 @@ def _loss_summary(losses: list[float]) -> dict:
     }
 
 
+def save_delta(tensors: dict[str, torch.Tensor], path: str | Path, *, method: str, concept: str):
+    """A delta file whose bytes depend on its contents alone: safetensors writes a metadata
+    dict in hash order, so two keys would land in either order and the same tensors would
+    hash differently (the sampler's fingerprint then discards finished images). One key."""
+    from safetensors.torch import save_file
+
+    metadata = {"crce": json.dumps({"concept": concept, "method": method}, sort_keys=True)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def _each_latent_per_row(xt: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Method k's x_t repeated once per row of its prompt batch, methods stacked in order."""
     return torch.cat([xt[k : k + 1].expand(n, -1, -1, -1) for k, n in enumerate(sizes)])
@@ -478,8 +488,6 @@ def run(
 ) -> None:
     """The `erase` rules: train one method or a group (or solve UCE, or read an external
     checkpoint), then write each method's delta.safetensors and train.json."""
-    from safetensors.torch import save_file
-
     from .lists import read_split
 
     if trainer_version != TRAINER_VERSION:
@@ -536,9 +544,7 @@ def run(
     for method, output in outputs.items():
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            deltas[method], str(output), metadata={"method": method, "concept": concept["id"]}
-        )
+        save_delta(deltas[method], output, method=method, concept=concept["id"])
         summary = summaries[method]
         record = {
             "concept": concept,
