@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import make_cat_split  # noqa: E402
 from test_erase import group_settings, rel, trained_changes  # noqa: E402
 
-from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
+from crce_worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 
 def changes(model, settings, methods):

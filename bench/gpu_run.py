@@ -40,7 +40,7 @@ def preflight(device: str) -> dict:
     """Everything the sections import, and the device: fails in seconds, saying what lacks."""
     missing = []
     for module in ("torch", "diffusers", "transformers", "safetensors", "pydantic", "pandas",
-                   "crce.erase", "crce.sample", "reference_trainer", "sd14"):  # fmt: skip
+                   "crce.training.engine", "crce.sample", "reference_trainer", "sd14"):  # fmt: skip
         try:
             __import__(module)
         except ImportError as err:
@@ -118,7 +118,7 @@ def main() -> None:
     import torch
     from sd14 import build_sd14_size_pipeline
 
-    from crce.worlds.tiny import build_tiny_pipeline
+    from crce_worlds.tiny import build_tiny_pipeline
 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

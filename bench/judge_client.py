@@ -49,7 +49,7 @@ def main() -> None:
                 "startup_timeout": 60,
             }
             start = time.perf_counter()
-            judge_manifests([str(tmp / "m.parquet")], [str(tmp / "sd.parquet")], settings=settings,
+            judge_manifests({"sd": str(tmp / "m.parquet")}, {"sd": str(tmp / "sd.parquet")}, settings=settings,
                             cache_path=tmp / f"cache{concurrency}.jsonl", progress=False)  # fmt: skip
             elapsed = time.perf_counter() - start  # includes one server start
             rows.append({"concurrency": concurrency, "latency_s": args.latency, "images": args.images, "seconds": elapsed,

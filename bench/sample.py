@@ -24,7 +24,7 @@ from train_step import split, sync  # noqa: E402
 
 from crce.modeling import load_pipeline  # noqa: E402
 from crce.sample import plan_images, sample_images, set_scheduler  # noqa: E402
-from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
+from crce_worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 
 def measure(path, model, device, *, images, batch_size, steps, rounds, baseline_images=None,

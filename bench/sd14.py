@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from crce.worlds.tiny import clip_text_encoder, save_pipeline, vae_model
+from crce_worlds.tiny import clip_text_encoder, save_pipeline, vae_model
 
 
 def build_sd14_size_pipeline(output: str | Path, seed: int = 0) -> Path:
     """Random weights in SD v1.4's exact shapes (benchmarks): UNet 320/640/1280/1280, CLIP-L text."""
     from diffusers import UNet2DConditionModel
 
-    from crce.worlds.tokenizer import build_tokenizer
+    from crce_worlds.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from crce.worlds.toy import world
+from crce_worlds.toy import world
 
 
 def claims(work: Path) -> dict:

@@ -3,7 +3,7 @@
     python bench/toy_sweep.py --concept circle --setting esd:lr=1e-3,iterations=60 \
         --setting crce:lr=1e-3,iterations=60,beta=4
 
-Per setting: train one delta with `crce.erase.Eraser` (the workflow's trainer) on the toy
+Per setting: train one delta with `crce.training.engine.Engine` (the workflow's trainer) on the toy
 concept's split, sample each probe prompt with the workflow's sampler settings and print the
 share of images the classifier reads as the prompt's own shape, plus what the others became.
 """
@@ -17,13 +17,12 @@ from collections import Counter
 
 import torch
 
-from crce.erase import Eraser
 from crce.modeling import load_pipeline
 from crce.sample import set_scheduler
-from crce.settings import TrainSettings
 from crce.split import make_split
-from crce.worlds.toy.classifier import load_classifier
-from crce.worlds.toy.world import as_lists, relatives, shape_of
+from crce.training.engine import Engine
+from crce_worlds.toy.classifier import load_classifier
+from crce_worlds.toy.world import as_lists, relatives, shape_of
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -79,11 +78,10 @@ def main() -> None:
     }
     for text in args.setting:
         strategy, values = parse_setting(text)
-        settings = TrainSettings(strategy=strategy, precision="float32", **values)
+        settings = {"strategy": strategy, "precision": "float32", **values}
         began = time.perf_counter()
-        Eraser(pipe, {strategy: settings}, args.concept, split, seed=args.seed).train(
-            progress=False
-        )
+        Engine.from_settings(pipe, {strategy: settings}, target=args.concept, split=split,
+                             seed=args.seed).train(progress=False)  # fmt: skip
         trained_s = time.perf_counter() - began
         results[f"{text} ({trained_s:.0f} s)"] = probe(
             pipe, classifier, classes, prompts, args.images, args.steps, args.guidance

@@ -35,10 +35,10 @@ from helpers import make_cat_split as split  # noqa: E402
 from reference_trainer import ReferenceTrainer  # noqa: E402
 from sd14 import build_sd14_size_pipeline  # noqa: E402
 
-from crce.erase import Eraser  # noqa: E402
 from crce.modeling import load_pipeline  # noqa: E402
-from crce.settings import SphereSettings, TrainRuntime, TrainSettings  # noqa: E402
-from crce.worlds.tiny import build_tiny_pipeline  # noqa: E402
+from crce.settings import TrainRuntime  # noqa: E402
+from crce.training.engine import Engine  # noqa: E402
+from crce_worlds.tiny import build_tiny_pipeline  # noqa: E402
 
 # The paper study's methods (config/config.yaml) with their M, N and anchors.
 PAPER_METHODS = {
@@ -66,7 +66,7 @@ def sphere_for(model: str) -> dict:
 
 
 class Sides:
-    """The trainer (one Eraser for all methods, or one per method) and the reference."""
+    """The trainer (one Engine for all methods, or one per method) and the reference."""
 
     def __init__(self, path, methods, args, device, side):
         self.steps = []
@@ -74,19 +74,19 @@ class Sides:
         common = dict(lr=1e-5, ddim_steps=args.ddim_steps)
         if side == "trainer":
             dtype = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
+            spherical = ("sphere", "realera")
             settings = {
-                m: TrainSettings(
-                    **common, **PAPER_METHODS[m], precision=args.precision,
-                    sphere=SphereSettings(**sphere),
-                )
+                m: {**common, **PAPER_METHODS[m], "precision": args.precision,
+                    **({"sphere": sphere} if PAPER_METHODS[m]["strategy"] in spherical else {})}
                 for m in methods
             }  # fmt: skip
             groups = [settings] if args.grouped else [{m: s} for m, s in settings.items()]
             runtime = TrainRuntime(compile=getattr(args, "compile", False))
             for group in groups:
                 pipe = load_pipeline(path, dtype=dtype, device=device)
-                eraser = Eraser(pipe, group, "cat", split(), seed=0, runtime=runtime)
-                self.steps.append(eraser.step)
+                engine = Engine.from_settings(pipe, group, target="cat", split=split(), seed=0,
+                                              runtime=runtime)  # fmt: skip
+                self.steps.append(engine.step)
         else:
             for m in methods:
                 pipe = load_pipeline(path, device=device)

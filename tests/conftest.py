@@ -41,7 +41,7 @@ def workdir(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """The tiny random SD pipeline on disk, built once, loaded through from_pretrained."""
-    from crce.worlds.tiny import build_tiny_pipeline
+    from crce_worlds.tiny import build_tiny_pipeline
 
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0))
 

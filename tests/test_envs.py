@@ -24,34 +24,42 @@ from helpers import REPO
 from packaging.requirements import Requirement
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
-RULES_DIR = REPO / "workflow" / "rules"
 SRC = REPO / "src"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # What each script gets without its env: the preamble Snakemake writes imports snakemake.
 PROVIDED = {"snakemake", "crce"}
 
 
-def rules() -> list[tuple[str, str, Path | None, Path | None]]:
-    """(smk file, rule, env file, script) of every rule."""
-    found = []
-    for path in sorted(RULES_DIR.glob("*.smk")):
-        for block in re.split(r"\n(?=rule )", path.read_text()):
-            if not block.startswith("rule "):
-                continue
-            name = block.split(":")[0].split()[1]
-            env = re.search(r"^\s+conda:\s*\n\s+\"([^\"]+)\"", block, re.M)
-            script = re.search(r"^\s+script:\s*\n\s+\"([^\"]+)\"", block, re.M)
-            runs = re.search(r"^\s+(script|shell|run):", block, re.M)
-            found.append(
-                (
-                    path.name,
-                    name,
-                    (RULES_DIR / env.group(1)).resolve() if env else None,
-                    (RULES_DIR / script.group(1)).resolve() if script else None,
-                    bool(runs),
+def rules() -> list[tuple[str, str, Path | None, Path | None, bool]]:
+    """(smk file, rule, env file, script, runs code) of every rule, as Snakemake itself reads
+    the workflow: once with the paper's config and once with the test world's, so rules
+    defined under an `if` (erase_group, erase_sweep, features_model) are there too."""
+    import tempfile
+
+    from helpers import make_workdir
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, ResourceSettings
+
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for overlay in ([], [Path("config/test.yaml")]):
+            work = make_workdir(Path(tmp) / f"w{len(overlay)}")
+            with SnakemakeApi() as api:
+                workflow = api.workflow(
+                    resource_settings=ResourceSettings(),
+                    config_settings=ConfigSettings(configfiles=overlay),
+                    snakefile=work / "Snakefile",
+                    workdir=work,
                 )
-            )
-    return found
+                for rule in workflow._workflow.rules:
+                    base = (
+                        REPO / Path(rule.snakefile).resolve().relative_to(work.resolve())
+                    ).parent
+                    env = (base / rule.conda_env).resolve() if rule.conda_env else None
+                    script = (base / rule.script).resolve() if rule.script else None
+                    runs = not rule.norun  # a script, a shell command or a run block
+                    found[rule.name] = (Path(rule.snakefile).name, rule.name, env, script, runs)
+    return sorted(found.values(), key=lambda r: (r[0], r[1]))
 
 
 def env_requirements(env: Path) -> list[Requirement]:

@@ -5,16 +5,12 @@ import torch
 from reference_trainer import ReferenceTrainer
 from safetensors.torch import load_file
 
-from crce.erase import Eraser, TrainingError
+from crce.methods.sphere import SphereSettings, sphere_neighbours
 from crce.modeling import load_pipeline
-from crce.settings import (
-    SettingsError,
-    SphereSettings,
-    TrainRuntime,
-    TrainSettings,
-    resolve_method,
-)
-from crce.strategies import sphere_neighbours
+from crce.settings import TrainRuntime
+from crce.study import SettingsError, resolve_method
+from crce.training import TrainingError
+from crce.training.engine import Engine
 
 torch.set_num_threads(2)
 
@@ -36,9 +32,19 @@ SPHERE = dict(radius=1.2, radius_mode="relative")  # the tiny text space (config
 SEED = 123
 
 
-def eraser(pipe, split, seed=SEED, **settings):
-    settings.setdefault("sphere", SphereSettings(**SPHERE))
-    return Eraser(pipe, {"m": TrainSettings(**settings)}, "cat", split, seed=seed)
+SPHERICAL = ("sphere", "realera")
+
+
+def settings_of(strategy="esd", **settings):
+    """A method's params as the workflow hands them over (the tiny world's sphere)."""
+    if strategy in SPHERICAL:
+        settings.setdefault("sphere", SPHERE)
+    return {"strategy": strategy, **settings}
+
+
+def eraser(pipe, split, seed=SEED, runtime=None, **settings):
+    return Engine.from_settings(pipe, {"m": settings_of(**settings)}, target="cat", split=split,
+                                seed=seed, runtime=runtime)  # fmt: skip
 
 
 def rel(a, b):
@@ -71,7 +77,8 @@ def test_matches_the_official_computation(tiny_model, cat_split, case):
         ref.step(iteration)
     for name, tensor in ref.tensors().items():
         assert rel(ours.trained["m"][name].detach(), tensor) <= 1e-5, name
-    assert [(h["ddim_index"], h["timestep"]) for h in [ours.last_step]] == ref.timesteps[-1:]
+    last = ours.objective.last_step
+    assert [(last["ddim_index"], last["timestep"])] == ref.timesteps[-1:]
 
 
 @pytest.mark.parametrize("ddim_steps", [4, 50])
@@ -94,7 +101,7 @@ def test_unet_timestep_matches_the_noise_level_of_x_t(tiny_model, cat_split, ddi
         for iteration in range(12 if ddim_steps == 4 else 4):
             calls.clear()
             erase.losses(iteration)
-            i = erase.last_step["ddim_index"]
+            i = erase.objective.last_step["ddim_index"]
             drawn.add(i)
             rollout, loss_calls = calls[:i], calls[i:]
             assert len(loss_calls) == 2  # one frozen and one trainable call
@@ -109,7 +116,7 @@ def test_every_method_of_a_concept_draws_the_same_noise(tiny_model, cat_split):
     draws = []
     for settings in (dict(strategy="esd"), dict(strategy="crce"), dict(strategy="realera")):
         erase = eraser(load_pipeline(tiny_model), cat_split, ddim_steps=8, **settings)
-        draws.append([erase.draw(k)[:2] for k in range(5)])
+        draws.append([erase.objective.draw(k)[:2] for k in range(5)])
     for other in draws[1:]:
         for (i, noise), (j, other_noise) in zip(draws[0], other, strict=True):
             assert i == j and torch.equal(noise, other_noise)
@@ -119,12 +126,13 @@ def test_every_method_of_a_concept_draws_the_same_noise(tiny_model, cat_split):
 def test_a_checkpoint_of_another_trainer_version_is_not_resumed(
     tiny_model, cat_split, tmp_path, monkeypatch
 ):
-    import crce.erase
+    import crce.training.engine
 
     settings = dict(strategy="esd", lr=1e-3, iterations=2, ddim_steps=3)
     eraser(load_pipeline(tiny_model), cat_split, **settings).train(tmp_path, progress=False)
     assert eraser(load_pipeline(tiny_model), cat_split, **settings).load_checkpoint(tmp_path)[0]
-    monkeypatch.setattr(crce.erase, "TRAINER_VERSION", crce.erase.TRAINER_VERSION + 1)
+    version = crce.training.engine.TRAINER_VERSION
+    monkeypatch.setattr(crce.training.engine, "TRAINER_VERSION", version + 1)
     again = eraser(load_pipeline(tiny_model), cat_split, **settings)
     assert again.load_checkpoint(tmp_path)[0] == 0
 
@@ -145,12 +153,13 @@ def test_erasure_is_real(tiny_model, cat_split):
         total = 0.0
         with torch.no_grad():
             for k in range(100, 106):
-                ddim_index, noise, _ = erase.draw(k)
-                x = erase.sample_xt(ddim_index, noise)
+                ddim_index, noise, _ = erase.objective.draw(k)
+                x = erase.objective.sample_xt(ddim_index, noise)
                 t = torch.tensor(500)
-                frozen = erase._unet(torch.cat([x, x]), t, torch.cat([erase.uncond, erase.target]))
+                uncond, target = erase.prompts.uncond, erase.prompts.target
+                frozen = erase.predict(torch.cat([x, x]), t, torch.cat([uncond, target]))
                 anchor = frozen[0:1] - (frozen[1:2] - frozen[0:1])
-                pred = erase._unet(x, t, erase.target, [1] if trained else None)
+                pred = erase.predict(x, t, target, [1] if trained else None)
                 total += (pred - anchor).pow(2).mean().item()
         return total
 
@@ -170,14 +179,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model, cat_split,
     runtime = TrainRuntime(checkpoint_every=2)
 
     def make():
-        return Eraser(
-            load_pipeline(tiny_model),
-            {"m": TrainSettings(**settings)},
-            "cat",
-            cat_split,
-            seed=9,
-            runtime=runtime,
-        )
+        return eraser(load_pipeline(tiny_model), cat_split, seed=9, runtime=runtime, **settings)
 
     straight = make()
     straight.train(tmp_path / "a", progress=False)
@@ -202,14 +204,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model, cat_split,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, cat_split, tmp_path):
-    erase = Eraser(
-        load_pipeline(tiny_model),
-        {"m": TrainSettings(strategy="esd", lr=1e30, iterations=6, ddim_steps=3)},
-        "cat",
-        cat_split,
-        seed=1,
-        runtime=TrainRuntime(checkpoint_every=1),
-    )
+    erase = eraser(load_pipeline(tiny_model), cat_split, seed=1, strategy="esd", lr=1e30,
+                   iterations=6, ddim_steps=3, runtime=TrainRuntime(checkpoint_every=1))  # fmt: skip
     with pytest.raises(
         TrainingError, match=r"loss is (nan|inf|-inf) at iteration \d.*checkpoint kept"
     ):
@@ -224,10 +220,17 @@ def test_too_few_train_items_is_a_clear_error(tiny_model, cat_split):
         eraser(load_pipeline(tiny_model), cat_split, strategy="crce", n_corefs=11)
 
 
-@pytest.mark.parametrize("key, value", [("strategy", "magic"), ("params", "everything")])
-def test_unknown_names_fail(key, value):
-    with pytest.raises(SettingsError, match=value):
-        resolve_method("x", {key: value}, {})
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ({"strategy": "magic"}, "magic"),
+        ({"strategy": "esd", "params": "everything"}, "everything"),
+        ({"strategy": "esd", "n_corefs": 3}, "n_corefs"),  # ESD draws no corefs
+    ],
+)
+def test_unknown_names_fail(spec, named):
+    with pytest.raises(SettingsError, match=f"methods.x.*{named}"):
+        resolve_method("x", spec, {})
 
 
 @pytest.mark.parametrize("mode, radius", [("relative", 1.2), ("absolute", 400.0)])
@@ -284,13 +287,10 @@ def test_delta_loads_into_a_pipeline(tiny_model, cat_split, tmp_path):
 
     split_path = tmp_path / "split.json"
     split_path.write_text(cat_split.model_dump_json())
-    settings = TrainSettings(
-        strategy="crce", iterations=2, ddim_steps=3, lr=1e-3, precision="float32"
-    )
+    settings = settings_of("crce", iterations=2, ddim_steps=3, lr=1e-3, precision="float32")
     output = tmp_path / "crce" / "cat" / "delta.safetensors"
     run(
-        concept={"id": "cat", "text": "cat", "category": "object"},
-        methods={"crce": settings.as_params()},
+        methods={"crce": settings},
         model=tiny_model,
         seed=1,
         runtime={"device": "cpu", "checkpoint_every": 1},
@@ -320,17 +320,15 @@ GROUP = {
 
 def group_settings(**shared):
     shared = {"iterations": 4, "ddim_steps": 6, "precision": "float32", "lr": 1e-3, **shared}
-    return {
-        name: TrainSettings(**{**shared, **kw, "sphere": SphereSettings(**SPHERE)})
-        for name, kw in GROUP.items()
-    }
+    return {name: settings_of(**{**shared, **kw}) for name, kw in GROUP.items()}
 
 
 def trained_changes(pipe_dtype, tiny_model, cat_split, settings, methods):
     """Each method's change (trained - base tensors) after training `methods` as one run."""
     pipe = load_pipeline(tiny_model, dtype=pipe_dtype)
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    run = Eraser(pipe, {m: settings[m] for m in methods}, "cat", cat_split, seed=SEED)
+    run = Engine.from_settings(pipe, {m: settings[m] for m in methods}, target="cat",
+                               split=cat_split, seed=SEED)  # fmt: skip
     history = run.train(progress=False)
     return {m: {n: t - base[n].to(t.dtype) for n, t in run.deltas()[m].items()} for m in methods}, {
         m: [h["ddim_index"] for h in history[m]["history"]] for m in methods
@@ -368,9 +366,8 @@ def test_a_grouped_run_resumes_bit_exactly(tiny_model, cat_split, tmp_path):
     runtime = TrainRuntime(checkpoint_every=2)
 
     def make():
-        return Eraser(
-            load_pipeline(tiny_model), settings, "cat", cat_split, seed=3, runtime=runtime
-        )
+        return Engine.from_settings(load_pipeline(tiny_model), settings, target="cat",
+                                    split=cat_split, seed=3, runtime=runtime)  # fmt: skip
 
     straight = make()
     straight.train(tmp_path / "a", progress=False)
@@ -391,9 +388,10 @@ def test_a_grouped_run_resumes_bit_exactly(tiny_model, cat_split, tmp_path):
 
 def test_methods_that_cannot_share_a_rollout_do_not_group(tiny_model, cat_split):
     settings = group_settings()
-    settings["crce"] = settings["crce"].model_copy(update={"ddim_steps": 8})
+    settings["crce"] = {**settings["crce"], "ddim_steps": 8}
     with pytest.raises(TrainingError, match="cannot train as one group"):
-        Eraser(load_pipeline(tiny_model), settings, "cat", cat_split, seed=1)
+        Engine.from_settings(load_pipeline(tiny_model), settings, target="cat", split=cat_split,
+                             seed=1)  # fmt: skip
 
 
 def test_a_delta_file_is_the_same_bytes_every_time_it_is_saved(tmp_path):
@@ -402,7 +400,7 @@ def test_a_delta_file_is_the_same_bytes_every_time_it_is_saved(tmp_path):
 
     from safetensors import safe_open
 
-    from crce.erase import save_delta
+    from crce.deltas import save_delta
 
     tensors = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.weight": torch.ones(3)}
     files = []

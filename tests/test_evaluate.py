@@ -187,8 +187,8 @@ def test_fake_rejects_what_vllm_rejects(fake_server, tmp_path):
 
 
 def test_judging_answers_and_caches(tmp_path):
-    manifests = [_manifest(tmp_path, "sd"), _manifest(tmp_path, "crce")]
-    outputs = [str(tmp_path / "j" / "sd.parquet"), str(tmp_path / "j" / "crce.parquet")]
+    manifests = {"sd": _manifest(tmp_path, "sd"), "crce": _manifest(tmp_path, "crce")}
+    outputs = {m: str(tmp_path / "j" / f"{m}.parquet") for m in manifests}
     cache = tmp_path / "cache.jsonl"
 
     def judge(settings=JUDGE):
@@ -197,7 +197,7 @@ def test_judging_answers_and_caches(tmp_path):
         )
 
     judge()
-    frame = pd.read_parquet(outputs[0])
+    frame = pd.read_parquet(outputs["sd"])
     assert len(frame) == 6 and set(frame["answer"]) <= {"yes", "no"}
     assert ((frame["p_yes"] >= 0.5) == (frame["answer"] == "yes")).all()
     assert set(frame["judge_model"]) == {"fake-judge"} and set(frame["prompt_version"]) == {"v1"}
@@ -216,8 +216,8 @@ def test_judging_answers_and_caches(tmp_path):
 def test_killing_the_server_loses_no_judged_row(tmp_path):
     import openai
 
-    manifests = [_manifest(tmp_path, "sd", n=30)]
-    outputs = [str(tmp_path / "j" / "sd.parquet")]
+    manifests = {"sd": _manifest(tmp_path, "sd", n=30)}
+    outputs = {"sd": str(tmp_path / "j" / "sd.parquet")}
     cache = tmp_path / "cache.jsonl"
     dying = RUNTIME.model_copy(update={"concurrency": 1, "serve": SERVE + " --die-after 10"})
     # Dies after 10, is restarted once, dies after 10 more: the job fails with 20 rows kept.
@@ -233,7 +233,7 @@ def test_killing_the_server_loses_no_judged_row(tmp_path):
     )
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 30 and len({r["key"] for r in rows}) == 30
-    assert len(pd.read_parquet(outputs[0])) == 30
+    assert len(pd.read_parquet(outputs["sd"])) == 30
 
 
 def test_cache_survives_a_torn_last_line(tmp_path):
@@ -384,8 +384,8 @@ def test_a_judge_behind_a_plain_chat_api(tmp_path):
     answer is asked once more, and one that stays unreadable is an `invalid` row, counted."""
     import openai
 
-    manifests = [_manifest(tmp_path, "sd", n=40)]
-    outputs = [str(tmp_path / "j" / "sd.parquet")]
+    manifests = {"sd": _manifest(tmp_path, "sd", n=40)}
+    outputs = {"sd": str(tmp_path / "j" / "sd.parquet")}
     chat = RUNTIME.model_copy(update={"serve": SERVE + " --chat"})
     with pytest.raises(openai.BadRequestError, match="structured_outputs"):
         judge_manifests(manifests, outputs, settings=JUDGE, runtime=chat,
@@ -393,7 +393,7 @@ def test_a_judge_behind_a_plain_chat_api(tmp_path):
     plain = JUDGE.model_copy(update={"structured_output": "none"})
     judge_manifests(manifests, outputs, settings=plain, runtime=chat,
                     cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
-    frame = pd.read_parquet(outputs[0])
+    frame = pd.read_parquet(outputs["sd"])
     assert len(frame) == 40 and set(frame["answer"]) <= {"yes", "no", "invalid"}
     readable = frame[frame["answer"] != "invalid"]
     assert {"Yes.", "No, the image shows something else."} <= set(readable["raw_answer"])

@@ -5,11 +5,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crce.external import ExternalError, load_delta
+from crce.methods.external import External, ExternalError, ExternalSettings
 from crce.modeling import load_pipeline
-from crce.settings import ExternalSettings
 
 CONCEPT = {"id": "cat", "text": "cat", "category": "object"}
+
+
+def load_delta(unet, settings, concept):
+    return External(settings, target=concept["text"], split=None, seed=0).read(unet, concept)
 
 
 def edited_pipeline(tiny_model):

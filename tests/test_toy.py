@@ -13,11 +13,11 @@ from crce.concepts import Concept
 from crce.llm import generate_lists, parse_answer, violations
 from crce.serving import ManagedServer
 from crce.settings import JudgeRuntime, JudgeSettings, ListSettings, LlmRuntime
-from crce.worlds.tiny import SD14_SCHEDULER_CONFIG
-from crce.worlds.toy import world
+from crce_worlds.tiny import SD14_SCHEDULER_CONFIG
+from crce_worlds.toy import world
 
 TOY = REPO / "resources" / "toy"
-SERVER = "{python} -m crce.worlds.toy.server --port {port} --model {model} --weights " + str(TOY)
+SERVER = "{python} -m crce_worlds.toy.server --port {port} --model {model} --weights " + str(TOY)
 
 
 @pytest.mark.parametrize("shape", world.shapes())
@@ -42,7 +42,7 @@ def test_every_word_is_one_token(tmp_path):
     so the longest held-out phrasing fits the toy's 8-token prompts."""
     from transformers import CLIPTokenizer
 
-    from crce.worlds.tokenizer import build_tokenizer
+    from crce_worlds.tokenizer import build_tokenizer
 
     build_tokenizer(world.vocabulary(), tmp_path, max_length=8)
     for folder in (tmp_path, TOY / "sd" / "tokenizer"):  # built now, and shipped
@@ -94,7 +94,7 @@ def test_toy_judge_reads_renders(tmp_path):
     settings = JudgeSettings(
         model="toy-judge", prompt="Is it the same concept as <X>? yes or no.", prompt_version="t"
     )
-    judge_manifests([str(tmp_path / "m.parquet")], [str(tmp_path / "sd.parquet")], settings=settings,
+    judge_manifests({"sd": str(tmp_path / "m.parquet")}, {"sd": str(tmp_path / "sd.parquet")}, settings=settings,
                     runtime=JudgeRuntime(serve=SERVER, startup_timeout=60),
                     cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
     answers = pd.read_parquet(tmp_path / "sd.parquet")["answer"] == "yes"
@@ -157,8 +157,8 @@ def test_a_toy_concepts_retains_lead_with_its_close_relatives(shape):
 @pytest.mark.slow
 def test_shortened_training_end_to_end(tmp_path):
     from crce.modeling import load_pipeline
-    from crce.worlds.toy.classifier import load_classifier
-    from crce.worlds.toy.train import train_world
+    from crce_worlds.toy.classifier import load_classifier
+    from crce_worlds.toy.train import train_world
 
     record = train_world(tmp_path, seed=1, quick=True)
     pipe = load_pipeline(str(tmp_path / "sd"))
@@ -215,8 +215,8 @@ def test_labelled_renders_are_labelled_for_the_question_the_judge_will_ask(
     render labelled yes shows the target's shape (read back by the shipped toy judge)."""
     from crce.lists import Split, WeightedItem
     from crce.settings import AuditSettings
-    from crce.worlds.toy.audit import labelled_renders
-    from crce.worlds.toy.classifier import load_classifier, read_image, to_tensor
+    from crce_worlds.toy.audit import labelled_renders
+    from crce_worlds.toy.classifier import load_classifier, read_image, to_tensor
 
     lists = world.concept_lists("circle")
     items = [WeightedItem(**i, weight=1.0) for i in lists["corefs"][:2] + lists["retains"][:2]]

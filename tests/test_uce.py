@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from crce.methods.uce import Uce, UceSettings, edited_names, last_token_embeddings
 from crce.modeling import load_pipeline
-from crce.settings import UceSettings
-from crce.uce import concepts, edit, edited_names, last_token_embeddings
+
+
+def uce(settings, split):
+    return Uce(settings, target="cat", split=split, seed=0)
 
 
 def numpy_uce(w_old, erase, targets, erase_scales, preserve, preserve_scales, lamb):
@@ -31,7 +34,7 @@ def edited(tiny_model, cat_split):
     results = {}
     for lists in (False, True):
         settings = UceSettings(lists=lists)
-        results[lists] = (settings, edit(pipe, settings, "cat", cat_split))
+        results[lists] = (settings, uce(settings, cat_split).solve(pipe))
     return pipe, base, results
 
 
@@ -47,7 +50,7 @@ def test_uce_edits_every_attn2_key_and_value(edited):
 def test_the_solve_satisfies_its_normal_equations_and_numpy_agrees(edited, cat_split, lists):
     pipe, base, results = edited
     settings, weights = results[lists]
-    erase, es, preserve, ps = concepts(settings, "cat", cat_split)
+    erase, es, preserve, ps = uce(settings, cat_split).concepts()
     embeddings = last_token_embeddings(pipe, [settings.guide, *erase, *preserve]).double()
     guide, c_e, c_p = embeddings[:1], embeddings[1 : 1 + len(erase)], embeddings[1 + len(erase) :]
     es, ps = torch.tensor(es, dtype=torch.float64), torch.tensor(ps, dtype=torch.float64)

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .constants import ANSWERS
 from .lists import Split
-from .settings import ANSWERS, AuditSettings, derive_seed
+from .seeds import derive_seed
+from .settings import AuditSettings
 from .stats import agreement, cohen_kappa
 
 COLUMNS = ["method", "concept", "category", "group", "prompt", "question", "image_index", "path"]
@@ -65,17 +67,21 @@ def second_opinion_clip(*, judgments, split_path, features, runtime, template, o
 def second_opinion_renders(
     *, split_path, settings, judge_settings, judge_runtime, category, cache, output, server_log
 ):
-    """The `audit_second` rule (renders): the judge asked about labelled renders (the toy
-    world's), its answers beside the ground truth."""
+    """The `audit_second` rule with a renders judge (`audit.second_judge: module:function`,
+    the toy world's labelled renders): the judge asked about images whose truth is known,
+    its answers beside the ground truth. The function takes (split, category, settings,
+    retain_question, folder) and returns a manifest with a `truth` column (yes / no)."""
     from .judge import judge_manifests
     from .lists import read_split
-    from .worlds.toy.audit import labelled_renders
+    from .plugins import load_object
 
+    labelled_renders = load_object(settings.second_judge, "second judge")
     split = read_split(split_path)
     folder = Path(output).with_suffix("")
     renders = labelled_renders(split, category, settings, judge_settings.retain_question, folder)
     renders.drop(columns="truth").to_parquet(folder / "manifest.parquet", index=False)
-    judge_manifests([str(folder / "manifest.parquet")], [str(folder / "renders.parquet")],
+    judge_manifests({"renders": str(folder / "manifest.parquet")},
+                    {"renders": str(folder / "renders.parquet")},
                     settings=judge_settings, runtime=judge_runtime, cache_path=cache,
                     server_log=server_log, progress=False)  # fmt: skip
     judged = pd.read_parquet(folder / "renders.parquet")

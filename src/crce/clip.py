@@ -14,9 +14,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from .constants import GROUPS
 from .lists import Split
 from .modeling import load_pipeline, tokenize
-from .settings import GROUPS
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import CATEGORIES
+from .constants import CATEGORIES
 
 _SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 

@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 from .concepts import Concept
+from .constants import N_TEST, N_TRAIN
 from .fetch import FetchError, fetch_file, is_url
 from .lists import Certainty, ConceptLists, GivenSplit, Item, Provenance, Warning_
-from .settings import N_TEST, N_TRAIN
 
 PARTS = ("train-coref", "test-coref", "train-retain", "test-retain")
 EXPECTED_LENGTH = {

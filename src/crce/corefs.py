@@ -10,12 +10,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .concepts import Concept
+from .constants import LIST_LENGTH
 from .corefconcept import find_entry, import_entry
 from .digests import files_sha256
 from .lists import ConceptLists, Provenance, Warning_, describe_errors, write_model
 from .llm import generate_lists
 from .serving import call_served
-from .settings import LIST_LENGTH, ListSettings, LlmRuntime
+from .settings import ListSettings, LlmRuntime
 
 log = logging.getLogger(__name__)
 

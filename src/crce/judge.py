@@ -21,8 +21,9 @@ import pandas as pd
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
+from .constants import ANSWERS
 from .serving import TRANSIENT, call_served, openai_client
-from .settings import ANSWERS, JudgeRuntime, JudgeSettings
+from .settings import JudgeRuntime, JudgeSettings
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,8 @@ async def _judge_rows(
 
 
 def judge_manifests(
-    manifests: list[str],
-    outputs: list[str],
+    manifests: dict[str, str],
+    outputs: dict[str, str],
     *,
     settings: JudgeSettings,
     runtime: JudgeRuntime,
@@ -212,9 +213,12 @@ def judge_manifests(
     server_log: str | Path | None = None,
     progress: bool = True,
 ) -> None:
-    """Judge every image of a concept's manifests (all methods) with one server start."""
-    frames = [pd.read_parquet(m) for m in manifests]
-    everything = pd.concat(frames, ignore_index=True)
+    """Judge every image of a concept's manifests (all methods, `{method: manifest}`) with
+    one server start; write each method's judgments to `outputs[method]`."""
+    if set(manifests) != set(outputs):
+        raise ValueError(f"manifests of {sorted(manifests)}, outputs for {sorted(outputs)}")
+    frames = {method: pd.read_parquet(path) for method, path in manifests.items()}
+    everything = pd.concat(frames.values(), ignore_index=True)
     everything["image_sha256"] = [image_sha256(p) for p in everything["path"]]
     everything["question"] = [
         judge_question(g, p, t, settings.retain_question)
@@ -245,10 +249,7 @@ def judge_manifests(
         cache.close()
     answers = pd.DataFrame([cache.rows[k] for k in everything["key"]])
     judged = pd.concat([everything.drop(columns=["key"]), answers.drop(columns=["key"])], axis=1)
-    for frame, output in zip(frames, outputs, strict=True):
-        method = frame["method"].iloc[0]  # manifests were read once, above
-        if method not in (Path(output).parent.name, Path(output).stem):
-            raise ValueError(f"outputs out of order: {output} is not {method}'s judgments")
+    for method, output in outputs.items():
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         judged[judged["method"] == method].to_parquet(output, index=False)
 

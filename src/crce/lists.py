@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .settings import Category
+from .constants import Category
 
 
 class Certainty(StrEnum):

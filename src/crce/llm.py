@@ -16,9 +16,10 @@ from tenacity import (
 )
 
 from .concepts import Concept
+from .constants import LIST_LENGTH
 from .lists import CERTAINTY_WEIGHTS, ConceptLists, Item, Provenance, describe_errors
 from .serving import TRANSIENT, openai_client
-from .settings import LIST_LENGTH, ListSettings, LlmRuntime
+from .settings import ListSettings, LlmRuntime
 
 log = logging.getLogger(__name__)
 

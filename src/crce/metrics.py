@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .constants import ANSWERS, CATEGORIES, METRICS
 from .paper import PAPER_TABLE1, PAPER_TABLE2
-from .settings import ANSWERS, CATEGORIES, METRICS
 
 # The paper's Table 1 row order; labels come from each method's config.
 PAPER_ORDER = tuple(PAPER_TABLE1)

@@ -8,6 +8,7 @@ a retried job keeps them and samples only the missing ones. A folder whose setti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,16 +22,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .constants import GROUPS
 from .digests import files_sha256
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
-from .settings import (
-    GROUPS,
-    RobustnessSettings,
-    SampleRuntime,
-    SampleSettings,
-    derive_seed,
-)
+from .seeds import derive_seed
+from .settings import RobustnessSettings, SampleRuntime, SampleSettings
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +120,11 @@ def sample_images(
     guidance: float,
     resolution: int,
     batch_size: int,
+    hook=None,
     progress: bool = True,
 ) -> dict:
+    """Sample the images of `plan` that `folder` lacks; `hook(pipe, prompts)` (a method's
+    per-prompt change, crce.methods.base.SamplingHook) wraps every batch."""
     todo = plan[[not (folder / p).exists() for p in plan["path"]]]
     log.info("%d of %d images to sample (%d kept)", len(todo), len(plan), len(plan) - len(todo))
     started = time.perf_counter()
@@ -133,15 +133,17 @@ def sample_images(
         batch = todo.iloc[start : start + batch_size]
         # CPU generators: the same initial noise on any device.
         generators = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
-        images = pipe(
-            prompt=list(batch["prompt"]),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="np",
-        ).images
+        prompts = list(batch["prompt"])
+        with hook(pipe, prompts) if hook else contextlib.nullcontext():
+            images = pipe(
+                prompt=prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="np",
+            ).images
         for array, relative in zip(images, batch["path"], strict=True):
             _save_png(array, folder / relative)
     elapsed = time.perf_counter() - started
@@ -156,9 +158,11 @@ def draw(
     runtime: SampleRuntime,
     model: str,
     delta: str | None,
+    sampling: dict | None = None,
 ) -> pd.DataFrame:
     """Sample every image of `plan` beside `manifest` (resumable; a folder made with other
-    settings is cleared first), then write the manifest with absolute paths."""
+    settings is cleared first), then write the manifest with absolute paths. `sampling`: a
+    method's per-prompt hook (crce.study.Study.sampling), applied to every batch."""
     folder = Path(manifest).parent
     fingerprint = {
         "model": model,
@@ -168,6 +172,13 @@ def draw(
             plan[["prompt", "seed", "path"]].to_json().encode()
         ).hexdigest(),
     }
+    hook = None
+    if sampling:
+        from . import methods as registry
+
+        cls, method_settings = registry.parse(sampling["settings"])
+        hook = cls.sampling_hook(method_settings, delta)
+        fingerprint["sampling"] = sampling
     device = device_for(runtime.device)
     dtype = torch_dtype(settings.precision) if device.type == "cuda" else torch.float32
     pipe = load_erased_pipeline(model, delta, dtype=dtype, device=device)
@@ -181,6 +192,7 @@ def draw(
         guidance=settings.guidance,
         resolution=settings.resolution,
         batch_size=runtime.batch_size,
+        hook=hook,
     )
     plan = plan.assign(path=[str(folder / p) for p in plan["path"]])
     plan.to_parquet(manifest, index=False)
@@ -204,6 +216,7 @@ def run(
     seed: int,
     delta: str | None,
     manifest: str,
+    sampling: dict | None = None,
 ) -> None:
     """The `sample` rule: Table 1's 31 prompts x images_per_prompt."""
     from .lists import read_split
@@ -212,7 +225,8 @@ def run(
     plan = plan_images(
         split, method=method, seed=seed, images_per_prompt=settings.images_per_prompt
     )
-    draw(plan, manifest, settings=settings, runtime=runtime, model=model, delta=delta)
+    draw(plan, manifest, settings=settings, runtime=runtime, model=model, delta=delta,
+         sampling=sampling)  # fmt: skip
 
 
 # -- beyond Table 1: neutral prompts (quality) and robustness prompts ----------------------
@@ -240,11 +254,12 @@ def plan_neutral(
     return pd.DataFrame(rows)
 
 
-def run_neutral(*, prompts, method, concept, quality, settings, runtime, model, delta, manifest):
+def run_neutral(*, prompts, method, concept, quality, settings, runtime, model, delta, manifest,
+                sampling=None):  # fmt: skip
     """The `sample_neutral` rule: a (method, concept)'s model on its neutral prompts."""
     plan = plan_neutral(pd.read_csv(prompts), method=method, concept=concept, **quality)
     draw(plan, manifest, settings=SampleSettings(**settings), runtime=SampleRuntime(**runtime),
-         model=model, delta=delta)  # fmt: skip
+         model=model, delta=delta, sampling=sampling)  # fmt: skip
 
 
 def plan_robust(
@@ -264,10 +279,11 @@ def plan_robust(
 
 
 def run_robust(
-    *, prompts, method, category, seed, settings, sample, runtime, model, delta, manifest
-):
+    *, prompts, method, category, seed, settings, sample, runtime, model, delta, manifest,
+    sampling=None,
+):  # fmt: skip
     robust = RobustnessSettings(**settings)
     plan = plan_robust(json.loads(Path(prompts).read_text()), method=method, category=category,
                        seed=seed, images=robust.images_per_prompt)  # fmt: skip
     draw(plan, manifest, settings=SampleSettings(**sample), runtime=SampleRuntime(**runtime),
-         model=model, delta=delta)  # fmt: skip
+         model=model, delta=delta, sampling=sampling)  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from .constants import N_TEST, N_TRAIN
 from .lists import ConceptLists, Item, Split, WeightedItem
-from .settings import N_TEST, N_TRAIN
 
 
 class SplitError(ValueError):

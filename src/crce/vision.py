@@ -1,6 +1,9 @@
 """Image (and text) features for the evaluation targets beyond Table 1 (quality, the judge
-audit): `encoder` picks CLIP or the toy world's classifier. CLIP is a CLIPModel loaded with from_pretrained (openai/clip-vit-large-patch14 by
-default, fetched by `download`; the test world builds a tiny random one)."""
+audit): `encoder` builds CLIP (a CLIPModel loaded with from_pretrained,
+openai/clip-vit-large-patch14 by default, fetched by `download`; the test world builds a tiny
+random one) or an encoder named `module:Class` (the toy world's shape classifier): a class
+taking (pretrained, device, batch_size) with `images(paths)` and, for a CLIP score,
+`texts(texts)`, both L2-normalised numpy arrays."""
 
 from __future__ import annotations
 
@@ -10,18 +13,14 @@ import numpy as np
 import torch
 
 from .modeling import device_for
+from .plugins import load_object
 from .settings import FeatureRuntime, FeatureSettings
 
 
 def encoder(settings: FeatureSettings, runtime: FeatureRuntime):
-    """The image (and text) embedding at the runtime's batch size: CLIP on the runtime's
-    device, or the toy classifier's features (CPU)."""
-    if settings.kind == "toy":
-        from .worlds.toy.classifier import ToyFeatures
-
-        return ToyFeatures(settings.pretrained, batch_size=runtime.batch_size)
-    device = device_for(runtime.device)
-    return ClipFeatures(settings.pretrained, device, batch_size=runtime.batch_size)
+    """The image (and text) embedding on the runtime's device at its batch size."""
+    cls = ClipFeatures if settings.kind == "clip" else load_object(settings.kind, "encoder")
+    return cls(settings.pretrained, device_for(runtime.device), batch_size=runtime.batch_size)
 
 
 class ClipFeatures:

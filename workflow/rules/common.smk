@@ -1,30 +1,46 @@
 # The concept sheet, config validation, the resolved settings and every input function.
+import os
 import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# This package is imported from the checkout, here and in every job (see jobs_import_from).
+# This package is imported from the checkout, here and in every job; a method in your own file
+# (`strategy: my_lab.methods:Mine`) from the workflow's directory.
 SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
+WORKDIR = os.getcwd()
+sys.path[:0] = [SRC, WORKDIR]
+
+
+def jobs_import_from(*paths):
+    """Make every job import from `paths` (PYTHONPATH, inherited by the scripts Snakemake
+    starts, on the cluster too): envs carry third-party packages only, so an edit to src/crce
+    reaches every job without rebuilding an env, and without changing an env's identity
+    (which would rerun every job)."""
+    current = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(p for p in (*paths, *current) if p)
+    )
+
+
+def untracked(settings):
+    """Knobs that change no result, for a rule's params: Snakemake's params trigger records
+    builtins only (snakemake.persistence), so a SimpleNamespace never causes a rerun. The job
+    rebuilds the settings object with `Model(**vars(namespace))`."""
+    return SimpleNamespace(**settings.model_dump(mode="json"))
+
 
 from crce.concepts import SheetError, load_sheet
+from crce.constants import METRICS, TRAINER_VERSION
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
 from crce.paper import PAPER_TABLE2
-from crce.settings import (
-    METRICS,
-    TRAINER_VERSION,
-    SettingsError,
-    Study,
-    is_iterative,
-    jobs_import_from,
-    untracked,
-)
+from crce.study import SettingsError, Study
 
-jobs_import_from(SRC)
+jobs_import_from(SRC, WORKDIR)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -46,7 +62,7 @@ try:
 except DatasetError as err:
     raise WorkflowError(str(err)) from None
 
-METHODS = config["methods"]
+METHODS = list(STUDY.methods)
 TRAINED_METHODS = list(STUDY.trained)
 
 
@@ -130,25 +146,34 @@ def all_features():
 
 
 def erase_settings(wildcards):
-    """The method's resolved training settings (train.* with its overrides), as builtins."""
-    return {wildcards.method: STUDY.all_trained[wildcards.method].as_params()}
+    """The method's resolved settings (its section's keys with its overrides), as builtins."""
+    return STUDY.erase_params([wildcards.method])
 
 
-def group_settings(methods):
-    return {m: STUDY.all_trained[m].as_params() for m in methods}
+def erase_sources(wildcards):
+    """The source digest of a method defined in your own file (untracked for a built-in)."""
+    return STUDY.sources([wildcards.method])
 
 
-def iterative(method):
-    return is_iterative(STUDY.all_trained[method])
+def erase_resources(key):
+    """A kind's erase resources (crce.methods.KIND_RESOURCES): GPU and minutes per attempt."""
+    return lambda wildcards: STUDY.resources(wildcards.method)[key]
 
 
-def external_checkpoint(wildcards):
-    """An external method's checkpoint for this concept, as an input once it exists."""
-    settings = STUDY.all_trained[wildcards.method]
-    if is_iterative(settings) or settings.strategy != "external":
-        return []
-    path = Path(settings.path.format(concept=wildcards.concept))
-    return [str(path)] if path.exists() else []
+def method_inputs(wildcards):
+    """Files a method's erase job reads beyond the split (an external checkpoint, once it
+    exists: a new one reruns the job)."""
+    method = STUDY.all_trained[wildcards.method]
+    return method.cls.job_inputs(method.settings, wildcards.concept)
+
+
+def delta_outputs(methods):
+    """An erase job's outputs, named: each method's delta under its name, its record beside."""
+    outputs = {}
+    for m in methods:
+        outputs[m] = f"results/models/{m}/{{concept}}/delta.safetensors"
+        outputs[f"{m}_record"] = f"results/models/{m}/{{concept}}/train.json"
+    return outputs
 
 
 def trained_delta(wildcards):
@@ -158,8 +183,21 @@ def trained_delta(wildcards):
     return [f"results/models/{wildcards.method}/{wildcards.concept}/delta.safetensors"]
 
 
+def sampling(wildcards):
+    """A method's per-prompt sampling hook, when it has one (untracked otherwise)."""
+    return STUDY.sampling(wildcards.method)
+
+
 def concept_manifests(wildcards):
-    return [f"results/images/{m}/{wildcards.concept}/manifest.parquet" for m in METHODS]
+    """Every method's images of the concept, by method."""
+    return {
+        m: f"results/images/{m}/{wildcards.concept}/manifest.parquet" for m in METHODS
+    }
+
+
+def judgments_of(methods, folder="judgments"):
+    """A judge job's outputs, by method."""
+    return {m: f"results/{folder}/{m}/{{concept}}.parquet" for m in methods}
 
 
 def all_corefs():
@@ -208,9 +246,10 @@ SWEEP_ONLY = list(STUDY.sweep.trained)
 
 
 def sweep_manifests(wildcards):
-    return [
-        f"results/images/{m}/{wildcards.concept}/manifest.parquet" for m in SWEEP_ONLY
-    ]
+    return {
+        m: f"results/images/{m}/{wildcards.concept}/manifest.parquet"
+        for m in SWEEP_ONLY
+    }
 
 
 def sweep_judgments():

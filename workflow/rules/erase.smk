@@ -1,13 +1,14 @@
-# Erasure fine-tuning: one GPU job per trained method and concept, or (train.group_methods)
-# one job per concept that trains its group of methods in shared batches.
+# Erasure: one job per (method, concept), its resources from the method's kind (a GPU to
+# train; a solve or a checkpoint read needs none); or (train.group_methods) one GPU job per
+# concept that trains its group of methods in shared batches.
 
 
 rule erase:
     input:
         split="results/splits/{concept}.json",
         model=base_model,
-        # An external method's checkpoint, once it exists (a new one reruns the job).
-        checkpoint=external_checkpoint,
+        # What the method's job reads beyond the split (an external checkpoint).
+        extra=method_inputs,
     output:
         delta="results/models/{method}/{concept}/delta.safetensors",
         record="results/models/{method}/{concept}/train.json",
@@ -19,13 +20,13 @@ rule erase:
     conda:
         "../../envs/train.yaml"
     resources:
-        # UCE solves in seconds and an external checkpoint is only read: no GPU for them.
-        gpu=lambda wildcards: 1 if iterative(wildcards.method) else 0,
-        runtime=lambda wildcards, attempt: (60 if iterative(wildcards.method) else 15)
+        gpu=erase_resources("gpu"),
+        runtime=lambda wildcards, attempt: STUDY.resources(wildcards.method)["minutes"]
         * attempt,
     params:
-        concept=concept_row,
         settings=erase_settings,
+        # A method in your own file: its source digest (editing it reruns its jobs).
+        sources=erase_sources,
         model=STUDY.model,
         seed=STUDY.seed,
         # A new trainer version reruns training even with an unchanged config.
@@ -33,6 +34,8 @@ rule erase:
         runtime=untracked(STUDY.train_runtime),
         # Not an output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir="results/.checkpoints/{method}/{concept}",
+        # Each method's delta by name (derived from the outputs: no rerun trigger).
+        outputs=lambda wildcards, output: {wildcards.method: output.delta},
     script:
         "../scripts/erase.py"
 
@@ -44,13 +47,7 @@ if STUDY.grouped:
             split="results/splits/{concept}.json",
             model=base_model,
         output:
-            delta=expand(
-                "results/models/{method}/{{concept}}/delta.safetensors",
-                method=STUDY.grouped,
-            ),
-            record=expand(
-                "results/models/{method}/{{concept}}/train.json", method=STUDY.grouped
-            ),
+            **delta_outputs(STUDY.grouped),
         log:
             "logs/erase/group/{concept}.log",
         retries: 2
@@ -60,13 +57,14 @@ if STUDY.grouped:
             gpu=1,
             runtime=lambda wildcards, attempt: 120 * attempt,
         params:
-            concept=concept_row,
-            settings=group_settings(STUDY.grouped),
+            settings=STUDY.erase_params(STUDY.grouped),
+            sources=STUDY.sources(STUDY.grouped),
             model=STUDY.model,
             seed=STUDY.seed,
             trainer_version=TRAINER_VERSION,
             runtime=untracked(STUDY.train_runtime),
             checkpoint_dir="results/.checkpoints/group/{concept}",
+            outputs=lambda wildcards, output: {m: output[m] for m in STUDY.grouped},
         script:
             "../scripts/erase.py"
 
@@ -74,36 +72,24 @@ if STUDY.grouped:
 # Paper Table 6's own cells (a cell equal to a Table 1 method is that method's job).
 if STUDY.sweep_grouped:
 
-    rule erase_sweep:
-        input:
-            split="results/splits/{concept}.json",
-            model=base_model,
+    use rule erase_group as erase_sweep with:
         output:
-            delta=expand(
-                "results/models/{method}/{{concept}}/delta.safetensors",
-                method=STUDY.sweep_grouped,
-            ),
-            record=expand(
-                "results/models/{method}/{{concept}}/train.json",
-                method=STUDY.sweep_grouped,
-            ),
+            **delta_outputs(STUDY.sweep_grouped),
         log:
             "logs/erase/sweep/{concept}.log",
         wildcard_constraints:
             concept=one_of(SWEEP_CONCEPTS),
-        retries: 2
-        conda:
-            "../../envs/train.yaml"
         resources:
             gpu=1,
             runtime=lambda wildcards, attempt: 240 * attempt,
         params:
-            concept=concept_row,
-            settings=group_settings(STUDY.sweep_grouped),
+            settings=STUDY.erase_params(STUDY.sweep_grouped),
+            sources=STUDY.sources(STUDY.sweep_grouped),
             model=STUDY.model,
             seed=STUDY.seed,
             trainer_version=TRAINER_VERSION,
             runtime=untracked(STUDY.train_runtime),
             checkpoint_dir="results/.checkpoints/sweep/{concept}",
-        script:
-            "../scripts/erase.py"
+            outputs=lambda wildcards, output: {
+                m: output[m] for m in STUDY.sweep_grouped
+            },

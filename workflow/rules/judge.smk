@@ -3,9 +3,9 @@
 
 rule judge:
     input:
-        concept_manifests,
+        unpack(concept_manifests),
     output:
-        expand("results/judgments/{method}/{{concept}}.parquet", method=METHODS),
+        **judgments_of(METHODS),
     log:
         "logs/judge/{concept}.log",
     retries: 2
@@ -30,12 +30,9 @@ if SWEEP_ONLY:
 
     use rule judge as judge_sweep with:
         input:
-            sweep_manifests,
+            unpack(sweep_manifests),
         output:
-            expand(
-                "results/judgments-sweep/{method}/{{concept}}.parquet",
-                method=SWEEP_ONLY,
-            ),
+            **judgments_of(SWEEP_ONLY, "judgments-sweep"),
         log:
             "logs/judge/sweep/{concept}.log",
         wildcard_constraints:

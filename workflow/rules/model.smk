@@ -9,7 +9,7 @@ rule base_model:
     conda:
         "../../envs/train.yaml"
     params:
-        kind=STUDY.model_build,
+        build=STUDY.model_build,
         seed=STUDY.seed,
     script:
         "../scripts/base_model.py"

@@ -13,10 +13,10 @@ if STUDY.features_build:
         conda:
             "../../envs/train.yaml"
         params:
-            kind=STUDY.features_build,
+            build=STUDY.features_build,
             seed=STUDY.seed,
         script:
-            "../scripts/base_model.py"
+            "../scripts/features_model.py"
 
 
 rule quality_prompts:
@@ -53,6 +53,7 @@ rule sample_neutral:
         quality=STUDY.quality.neutral_params() if STUDY.quality else None,
         settings=STUDY.sample.as_params(),
         model=STUDY.model,
+        sampling=sampling,
         runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/sample_neutral.py"
@@ -153,6 +154,7 @@ rule sample_robust:
         settings=STUDY.robustness.as_params(),
         sample=STUDY.sample.as_params(),
         model=STUDY.model,
+        sampling=sampling,
         runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/sample_robust.py"
@@ -161,14 +163,12 @@ rule sample_robust:
 # Judged exactly as Table 1's images (rule judge), with a cache and logs of their own.
 use rule judge as judge_robust with:
     input:
-        expand(
-            "results/robustness/images/{method}/{{concept}}/manifest.parquet",
-            method=METHODS,
-        ),
+        **{
+            m: f"results/robustness/images/{m}/{{concept}}/manifest.parquet"
+            for m in METHODS
+        },
     output:
-        expand(
-            "results/robustness/judgments/{method}/{{concept}}.parquet", method=METHODS
-        ),
+        **judgments_of(METHODS, "robustness/judgments"),
     log:
         "logs/robustness/judge/{concept}.log",
     resources:

@@ -30,7 +30,7 @@ rule metrics:
 
 rule concept_figure:
     input:
-        concept_manifests,
+        unpack(concept_manifests),
     output:
         report(
             "results/figures/grids/{concept}.png",

@@ -20,6 +20,8 @@ rule sample:
         settings=STUDY.sample.as_params(),
         model=STUDY.model,
         seed=STUDY.seed,
+        # A method's per-prompt sampling hook (tracked only for a method that has one).
+        sampling=sampling,
         runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/sample.py"

@@ -11,7 +11,7 @@ from crce.settings import (
 with job_log(snakemake.log[0]):
     p = snakemake.params
     settings = AuditSettings(**p.settings)
-    if settings.second_judge == "renders":
+    if settings.second_judge != "clip":
         second_opinion_renders(
             split_path=snakemake.input.split,
             settings=settings,

@@ -1,5 +1,8 @@
 from crce.logs import job_log
-from crce.worlds.tiny import build_base_model
+from crce.modeling import load_pipeline
+from crce.plugins import load_object
 
 with job_log(snakemake.log[0]):
-    build_base_model(snakemake.params.kind, snakemake.output[0], seed=snakemake.params.seed)
+    build = load_object(snakemake.params.build, "model builder")
+    build(snakemake.output[0], seed=snakemake.params.seed)
+    load_pipeline(snakemake.output[0])  # what every job will do with it

@@ -5,8 +5,8 @@ from crce.settings import JudgeRuntime, JudgeSettings
 with job_log(snakemake.log[0]):
     p = snakemake.params
     judge_manifests(
-        list(snakemake.input),
-        list(snakemake.output),
+        dict(snakemake.input.items()),
+        dict(snakemake.output.items()),
         settings=JudgeSettings(**p.settings),
         runtime=JudgeRuntime(**vars(p.runtime)),
         cache_path=p.cache,

@@ -13,4 +13,5 @@ with job_log(snakemake.log[0]):
         model=p.model,
         delta=next(iter(snakemake.input.delta), None),
         manifest=snakemake.output[0],
+        sampling=p.sampling if isinstance(p.sampling, dict) else None,
     )

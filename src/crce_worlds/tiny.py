@@ -144,12 +144,3 @@ def build_tiny_clip(output: str | Path, seed: int = 0) -> Path:
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(output)
     return output
-
-
-def build_base_model(kind: str, output: str | Path, seed: int = 0) -> Path:
-    """The `base_model` rule: build the model a small world uses (tiny SD, tiny CLIP)."""
-    if kind == "tiny":
-        return build_tiny_pipeline(output, seed=seed)
-    if kind == "tiny-clip":
-        return build_tiny_clip(output, seed=seed)
-    raise ValueError(f"build={kind!r}: unknown kind (expected 'tiny' or 'tiny-clip')")

@@ -1,6 +1,6 @@
 """The toy world's OpenAI-compatible server: LLM (coref/retain lists) and judge in one.
 
-    python -m crce.worlds.toy.server --port P --model NAME --weights resources/toy
+    python -m crce_worlds.toy.server --port P --model NAME --weights resources/toy
 
 Without an image, a chat request is answered like an LLM asked for a concept's lists (the
 concept is read from the request; the lists come from the ontology). With an image, it is

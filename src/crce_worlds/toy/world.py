@@ -12,7 +12,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ...lists import Certainty, ConceptLists, Item, Provenance
+from crce.lists import Certainty, ConceptLists, Item, Provenance
 
 SCALE = 4  # draw at 4x, then downsample: smooth edges
 

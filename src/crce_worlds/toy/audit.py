@@ -10,8 +10,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from ...judge import judge_question
-from ...settings import GROUPS, AuditSettings, derive_seed
+from crce.constants import GROUPS
+from crce.judge import judge_question
+from crce.seeds import derive_seed
+from crce.settings import AuditSettings
+
 from .world import render, shape_of, shapes
 
 

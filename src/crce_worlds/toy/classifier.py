@@ -72,9 +72,12 @@ def load_classifier(folder: str | Path) -> tuple[ShapeClassifier, list[str]]:
 
 class ToyFeatures:
     """Image embeddings from the shape classifier's penultimate layer (L2-normalised): the toy
-    world's stand-in for CLIP's image tower in the quality target. No text tower."""
+    world's stand-in for CLIP's image tower in the quality target (`features.kind:
+    crce_worlds.toy.classifier:ToyFeatures`). No text tower; runs on the CPU."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 256):
+    def __init__(
+        self, folder: str | Path, device: str | torch.device = "cpu", batch_size: int = 256
+    ):
         self.model, self.classes = load_classifier(folder)
         self.batch_size = batch_size
 

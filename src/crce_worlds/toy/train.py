@@ -1,7 +1,7 @@
 """Train the toy world's models with fixed seeds and save them where the demo loads them.
 
-    python -m crce.worlds.toy.train --out resources/toy            # the shipped weights (~30 min, 2 cores)
-    python -m crce.worlds.toy.train --out /tmp/toy --quick         # a shortened end-to-end run (tests)
+    python -m crce_worlds.toy.train --out resources/toy            # the shipped weights (~30 min, 2 cores)
+    python -m crce_worlds.toy.train --out /tmp/toy --quick         # a shortened end-to-end run (tests)
 
 Writes `{out}/sd` (a StableDiffusionPipeline folder: CLIP tokenizer and text encoder,
 AutoencoderKL, UNet2DConditionModel with SD v1.4's block types and attn2 names, DDIM
@@ -121,7 +121,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int) -> f
 def train_unet(unet, text_encoder, tokenizer, latents, captions, steps, batch, lr, seed):
     from diffusers import DDPMScheduler
 
-    from ...modeling import encode_prompts
+    from crce.modeling import encode_prompts
 
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -195,7 +195,8 @@ def train_classifier(steps: int, batch: int, seed: int) -> tuple[ShapeClassifier
 @torch.no_grad()
 def prompt_following(pipe_dir: Path, classifier: ShapeClassifier, per_prompt: int = 8) -> dict:
     """Share of samples whose shape (by the classifier) is the one the prompt names."""
-    from ...modeling import load_pipeline
+    from crce.modeling import load_pipeline
+
     from .world import ontology
 
     pipe = load_pipeline(str(pipe_dir))

@@ -1,0 +1,231 @@
+"""What a method is to this pipeline: a class with its settings, its kind, and what it computes.
+
+A method family is one class (a subclass of `Method`) in one module, named in the config by
+its `strategy` (a built-in name from `crce.methods.BUILTIN`, or `module:Class` for a method
+in your own file). It declares, in one place:
+
+- `Settings`: a pydantic model of its keys, each with a `description` (the config schema and
+  config/README.md are generated from them);
+- `section` and `own_keys`: the config section whose keys are its defaults (`train` for the
+  methods the engine trains, `uce` for UCE) and the keys only its own entry may set; the keys
+  it reads from the section are its fields minus those;
+- `kind` (`Kind`): none (the base model), iterative (trained by the engine: a GPU job, grouped
+  with others, checkpointed), closed form (solved once: a short CPU-sized job) or external
+  (read from elsewhere): the kind decides the job's resources;
+- what it computes: `plan()` or an `Objective` for an iterative method (crce.training), or
+  `solve()` for a closed-form one; `erase()` for a method in stages;
+- optional hooks: `references()` (image sets it trains on), `sampling_hook()` (a per-prompt
+  change at sampling time), `families` (the base-model families it supports).
+
+This module imports no torch (the Snakefile reads the registry at parse time); methods import
+it inside what they compute.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Kind(StrEnum):
+    NONE = "none"  # the base model: no erase job
+    ITERATIVE = "iterative"  # the engine trains it (crce.training)
+    CLOSED_FORM = "closed_form"  # one solve
+    EXTERNAL = "external"  # weights made elsewhere
+
+
+# What each kind's erase job asks of a cluster (the rules' resources): a GPU and an hour per
+# attempt for training; a solve or a read needs neither.
+KIND_RESOURCES = {
+    Kind.ITERATIVE: {"gpu": 1, "minutes": 60},
+    Kind.CLOSED_FORM: {"gpu": 0, "minutes": 15},
+    Kind.EXTERNAL: {"gpu": 0, "minutes": 15},
+}
+
+
+class MethodSettings(BaseModel):
+    """A method's settings; `strategy` names its class (a built-in name or `module:Class`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str = Field(description="which method family (the registry's name)")
+
+    def as_params(self) -> dict:
+        """Plain builtins for a rule's `params` (the rerun trigger compares their repr)."""
+        return self.model_dump(mode="json")
+
+
+ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn"]
+
+
+class IterativeSettings(MethodSettings):
+    """What every method the engine trains reads (from `train`, or its own entry)."""
+
+    params: ParamSet = Field(
+        "xattn-kv",
+        description="trained UNet tensors: `xattn-kv` (paper: attn2 to_k/to_v), `xattn-qk` "
+        "(official CRCE code), `xattn` (every attn2 Linear, the ESD code's ESD-x), `noxattn` "
+        "(everything but attn2, ESD-u)",
+    )
+    lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper 1e-5; CRCE code 2e-5)")
+    iterations: int = Field(500, ge=1, description="optimiser steps per concept")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="`bfloat16` (autocast, fp32 masters; GPU only) or `float32`"
+    )
+
+
+@dataclass(frozen=True)
+class ReferenceRequest:
+    """A set of images a method trains on, drawn from the base model once for every method
+    that asks for an equal set (the `reference_images` rule)."""
+
+    name: str  # how the method refers to it
+    prompts: tuple[str, ...]
+    images_per_prompt: int
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int | None = None  # None: the model's own
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class SamplingHook(Protocol):
+    """A per-prompt change at sampling time (SPM scales its adapter by a prompt's match):
+    called around every batch of the sampler with the batch's prompts, in order."""
+
+    def __call__(self, pipe, prompts: list[str]) -> AbstractContextManager: ...
+
+
+class Method:
+    """One method family: the registry maps its `strategy` name to this class."""
+
+    name: ClassVar[str]  # the registry name (a built-in) or None for a class found by path
+    kind: ClassVar[Kind]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    section: ClassVar[str | None] = None  # config section of its defaults
+    own_keys: ClassVar[frozenset[str]] = frozenset()  # keys only its own entry may set
+    families: ClassVar[frozenset[str]] = frozenset({"sd1"})  # base-model families it runs on
+
+    def __init__(self, settings: MethodSettings, *, target: str, split, seed: int):
+        self.settings = settings
+        self.target = target
+        self.split = split
+        self.seed = seed
+
+    # -- what the workflow asks before any job runs --------------------------------------
+    @classmethod
+    def section_keys(cls) -> list[str]:
+        """The keys it reads from its config section (its fields minus its own keys)."""
+        if cls.section is None:
+            return []
+        return [k for k in cls.Settings.model_fields if k != "strategy" and k not in cls.own_keys]
+
+    @classmethod
+    def group_key(cls, settings: MethodSettings) -> tuple | None:
+        """Methods with equal keys train in one batched job (train.group_methods); None: alone."""
+        return None
+
+    @classmethod
+    def references(cls, settings: MethodSettings, concept: dict) -> list[ReferenceRequest]:
+        """Image sets it trains on (none by default)."""
+        return []
+
+    @classmethod
+    def sampling_hook(cls, settings: MethodSettings, delta: str | None) -> SamplingHook | None:
+        """A per-prompt change the sampler applies for this method (none by default)."""
+        return None
+
+    def delta_metadata(self) -> dict:
+        """What its sampling hook needs from the erase job, stored in the delta's metadata
+        (crce.deltas.delta_record reads it back); nothing by default."""
+        return {}
+
+    @classmethod
+    def job_inputs(cls, settings: MethodSettings, concept_id: str) -> list[str]:
+        """Files its erase job reads beyond the split (an external checkpoint)."""
+        return []
+
+    # -- the erase job ----------------------------------------------------------------------
+    @classmethod
+    def erase(cls, job, methods: dict[str, Method]) -> dict[str, tuple[dict, dict]]:
+        """Each method's (trained tensors, record) for the job (crce.erase.Job). A method in
+        stages overrides this; the default is one step of its kind."""
+        raise NotImplementedError
+
+
+class IterativeMethod(Method):
+    """A method the engine trains (crce.training.Engine): the engine owns the model calls'
+    batching, the optimiser, the randomness per (seed, concept, iteration) and the
+    checkpoints; the method says what to train and what to minimise.
+
+    The contract, each with a default:
+    - `trainable(unet)`: the UNet tensor names it trains (default: `settings.params`); any
+      named set works, the whole UNet included;
+    - `texts()`: the prompts its objective conditions on (encoded once, with the target);
+    - `objective(engine, methods)`: the `Objective` computing one iteration's loss of each
+      method of a group; the ESD family shares crce.training.plan.PlanObjective, which
+      batches every method's `plan(iteration, generator)`;
+    - `extra_parameters(engine)`: tensors it adds and trains beyond the UNet's (new token
+      embeddings), checkpointed with the rest, not in the delta;
+    - `optimizer` / `optimizer_kwargs()`: the optimiser class and its arguments (Adam at lr);
+    - `delta(tensors)`: what of the trained tensors the delta keeps (all by default).
+    """
+
+    kind = Kind.ITERATIVE
+    Settings: ClassVar[type[IterativeSettings]] = IterativeSettings
+    section = "train"
+    optimizer: ClassVar[str] = "Adam"
+
+    def trainable(self, unet) -> list[str]:
+        from ..modeling import PARAM_SETS
+
+        select = PARAM_SETS[self.settings.params]
+        return [name for name, _ in unet.named_parameters() if select(name)]
+
+    def texts(self) -> list[str]:
+        return []
+
+    def prepare(self, engine) -> None:
+        """Called once the engine has encoded every method's texts (`engine.prompts`)."""
+        self.engine = engine
+
+    def extra_parameters(self, engine) -> dict:
+        return {}
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {"lr": self.settings.lr}
+
+    def delta(self, tensors: dict) -> dict:
+        return tensors
+
+    @classmethod
+    def objective(cls, engine, methods: dict[str, IterativeMethod]):
+        raise NotImplementedError(f"{cls.__name__} defines no objective")
+
+    @classmethod
+    def erase(cls, job, methods):
+        from ..training.engine import Engine
+
+        engine = Engine(job.pipe, methods, seed=job.seed, runtime=job.runtime,
+                        references=job.references)  # fmt: skip
+        summaries = engine.train(job.checkpoint_dir)
+        deltas = engine.deltas()
+        return {m: (deltas[m], summaries[m]) for m in methods}
+
+
+class ClosedFormMethod(Method):
+    """A method solved once from the base model (`solve`): no training loop, no checkpoint."""
+
+    kind = Kind.CLOSED_FORM
+
+    def solve(self, pipe) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def erase(cls, job, methods):
+        ((name, method),) = methods.items()
+        return {name: (method.solve(job.pipe), {})}

@@ -1,0 +1,235 @@
+"""The config resolved once into each stage's typed settings (workflow/rules/common.smk).
+
+Methods resolve through the registry (crce.methods): a method's settings are its config
+section's keys (`train` for the methods the engine trains, `uce` for UCE) that its class
+reads, overridden by its own entry's keys. No torch is imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from pydantic import BaseModel, ValidationError
+
+from . import methods as registry
+from .methods import Kind, Method, MethodSettings
+from .settings import (
+    AuditSettings,
+    FeatureRuntime,
+    FeatureSettings,
+    JudgeRuntime,
+    JudgeSettings,
+    ListSettings,
+    LlmRuntime,
+    QualitySettings,
+    RobustnessSettings,
+    SampleRuntime,
+    SampleSettings,
+    SplitSettings,
+    SweepSettings,
+    TrainRuntime,
+)
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be resolved; the message names the method and key."""
+
+
+def split_known(model: type[BaseModel], section: dict) -> tuple[dict, dict]:
+    """A config section's keys of `model`, and the rest."""
+    known = {k: v for k, v in section.items() if k in model.model_fields}
+    return known, {k: v for k, v in section.items() if k not in known}
+
+
+def _errors(err: ValidationError) -> str:
+    """A validation error in one line, each problem with the value it got."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']} (got {e['input']!r})"
+        for e in err.errors()[:5]
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A configured method: its name, Table 1 label, class and settings."""
+
+    name: str
+    label: str
+    cls: type[Method]
+    settings: MethodSettings
+
+    @property
+    def kind(self) -> Kind:
+        return self.cls.kind
+
+    @property
+    def trains(self) -> bool:
+        """It has an erase job (every kind but the base model)."""
+        return self.kind is not Kind.NONE
+
+    @property
+    def iterative(self) -> bool:
+        return self.kind is Kind.ITERATIVE
+
+    def params(self) -> dict:
+        return self.settings.as_params()
+
+    def group_key(self) -> tuple | None:
+        return self.cls.group_key(self.settings) if self.iterative else None
+
+    def source_sha256(self) -> str | None:
+        return registry.source_sha256(self.settings.strategy)
+
+
+def resolve_method(name: str, spec: dict, sections: dict) -> ResolvedMethod:
+    """A method's settings: the keys its class reads from its config section, overridden by
+    its own entry's keys (a nested dict, e.g. `sphere`, merges key by key)."""
+    where = f"methods.{name}"
+    strategy = spec.get("strategy")
+    if not isinstance(strategy, str):
+        raise SettingsError(f"{where}: needs a `strategy`")
+    try:
+        cls = registry.load(strategy)
+    except registry.MethodError as err:
+        raise SettingsError(f"{where}.strategy: {err}") from None
+    own = {k: v for k, v in spec.items() if k != "label"}
+    fields = cls.Settings.model_fields
+    unknown = sorted(set(own) - set(fields))
+    if unknown:
+        known = ", ".join(k for k in fields if k != "strategy") or "none"
+        raise SettingsError(
+            f"{where}: unknown key(s) {', '.join(unknown)} for strategy {strategy!r} "
+            f"(its keys: {known})"
+        )
+    section = sections.get(cls.section, {}) if cls.section else {}
+    merged = {k: section[k] for k in cls.section_keys() if k in section}
+    for key, value in own.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if nested else value
+    try:
+        settings = cls.Settings(**merged)
+    except ValidationError as err:
+        raise SettingsError(f"{where}: {_errors(err)}") from None
+    return ResolvedMethod(name, spec.get("label", name), cls, settings)
+
+
+def training_groups(trained: dict[str, ResolvedMethod], enabled: bool) -> list[str]:
+    """Methods that train as one batched job per concept: the largest set of methods with the
+    same group key (two or more), the rest on their own; [] when no two methods can share."""
+    if not enabled:
+        return []
+    by_key: dict[tuple, list[str]] = {}
+    for name, method in trained.items():
+        key = method.group_key()
+        if key is not None:
+            by_key.setdefault(key, []).append(name)
+    largest = max(by_key.values(), key=len, default=[])
+    return largest if len(largest) > 1 else []
+
+
+class Sweep:
+    """Paper Table 6: one method's settings at every (M, N) of a grid, on the concepts of some
+    categories. A cell whose settings equal the method's own is that method (its Table 1 job,
+    not a second training); the others are the sweep's own methods, never in Table 1."""
+
+    def __init__(self, sweep: dict | None, trained: dict[str, ResolvedMethod], n_train: int):
+        self.cells: dict[tuple[int, int], str] = {}
+        self.trained: dict[str, ResolvedMethod] = {}
+        self.categories: list[str] = []
+        if not sweep:
+            return
+        settings = SweepSettings(**sweep)
+        self.categories = list(settings.categories)
+        name = settings.method
+        base = trained.get(name)
+        fields = base.cls.Settings.model_fields if base else {}
+        if not base or "n_corefs" not in fields or "n_retains" not in fields:
+            raise SettingsError(
+                f"sweep.method {name!r} must be a method that draws M corefs and N retains "
+                "(strategy crce, sphere or realera)"
+            )
+        for m in settings.n_corefs:
+            for n in settings.n_retains:
+                if max(m, n) > n_train:
+                    raise SettingsError(
+                        f"sweep: M={m}, N={n} draw more items than the train split has "
+                        f"(split.n_train={n_train})"
+                    )
+                cell = base.settings.model_copy(update={"n_corefs": m, "n_retains": n})
+                cell_name = name if cell == base.settings else f"{name}-m{m}-n{n}"
+                self.cells[(m, n)] = cell_name
+                if cell_name != name:
+                    self.trained[cell_name] = ResolvedMethod(cell_name, cell_name, base.cls, cell)
+
+
+class Study:
+    """The config resolved once into each stage's settings (common.smk)."""
+
+    def __init__(self, config: dict):
+        self.seed = config["seed"]
+        self.model = config["model"]["pretrained"]
+        self.model_build = config["model"].get("build")  # a builder: small worlds
+        self.methods = {
+            name: resolve_method(name, spec, config) for name, spec in config["methods"].items()
+        }
+        self.labels = {m: method.label for m, method in self.methods.items()}
+        runtime, _ = split_known(TrainRuntime, config.get("train", {}))
+        self.train_runtime = TrainRuntime(**runtime)
+        self.trained = {name: m for name, m in self.methods.items() if m.trains}
+        self.split = SplitSettings(seed=self.seed, **config["split"])
+        self.sweep = Sweep(config.get("sweep"), self.trained, self.split.n_train)
+        # train.group_methods: one erase job per concept trains Table 1's group, another the
+        # sweep's cells (crce.erase); the rest train one method per job. Without a Table 1
+        # group the sweep's cells train one per job too (erase_sweep reuses erase_group).
+        self.grouped = training_groups(self.trained, self.train_runtime.group_methods)
+        self.sweep_grouped = (
+            training_groups(self.sweep.trained, self.train_runtime.group_methods)
+            if self.grouped
+            else []
+        )
+        self.all_trained = {**self.trained, **self.sweep.trained}
+        grouped = set(self.grouped) | set(self.sweep_grouped)
+        self.solo = [m for m in self.all_trained if m not in grouped]
+        llm, corefs = config["llm"], config["corefs"]
+        self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
+        self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])
+        self.sample = SampleSettings(**split_known(SampleSettings, config["sample"])[0])
+        self.sample_runtime = SampleRuntime(**split_known(SampleRuntime, config["sample"])[0])
+        self.judge = JudgeSettings(**split_known(JudgeSettings, config["judge"])[0])
+        self.judge_runtime = JudgeRuntime(**split_known(JudgeRuntime, config["judge"])[0])
+        features = config.get("features", {})
+        self.features = FeatureSettings(**split_known(FeatureSettings, features)[0])
+        self.features_runtime = FeatureRuntime(**split_known(FeatureRuntime, features)[0])
+        self.features_build = features.get("build")  # a builder: the test world's tiny CLIP
+        self.quality = QualitySettings(**config["quality"]) if "quality" in config else None
+        self.robustness = RobustnessSettings(**config.get("robustness", {}))
+        self.audit = AuditSettings(**config.get("audit", {}))
+
+    # -- what the rules ask of a method -----------------------------------------------------
+    def erase_params(self, methods: list[str]) -> dict:
+        """The settings of the methods one erase job trains, by name."""
+        return {m: self.all_trained[m].params() for m in methods}
+
+    def sources(self, methods: list[str]):
+        """The source digest of each method defined in your own file (a param, so editing the
+        file reruns its jobs); untracked (a namespace) when every method is built in."""
+        digests = {m: self.all_trained[m].source_sha256() for m in methods}
+        digests = {m: d for m, d in digests.items() if d}
+        return digests or SimpleNamespace()
+
+    def sampling(self, method: str):
+        """What the sampler needs to apply a method's per-prompt hook (its strategy and
+        settings, and its source digest), a tracked param; untracked for a method that samples
+        like the base model with its delta."""
+        resolved = self.methods.get(method) or self.all_trained.get(method)
+        if resolved is None or (
+            resolved.cls.sampling_hook.__func__ is Method.sampling_hook.__func__
+        ):
+            return SimpleNamespace()
+        return {"settings": resolved.params(), "source_sha256": resolved.source_sha256()}
+
+    def resources(self, method: str) -> dict:
+        from .methods import KIND_RESOURCES
+
+        return KIND_RESOURCES[self.all_trained[method].kind]
