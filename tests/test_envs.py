@@ -41,24 +41,23 @@ def rules() -> list[tuple[str, str, Path | None, Path | None, bool]]:
     from snakemake.settings.types import ConfigSettings, ResourceSettings
 
     found = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for overlay in ([], [Path("config/test.yaml")]):
-            work = make_workdir(Path(tmp) / f"w{len(overlay)}")
-            with SnakemakeApi() as api:
-                workflow = api.workflow(
-                    resource_settings=ResourceSettings(),
-                    config_settings=ConfigSettings(configfiles=overlay),
-                    snakefile=work / "Snakefile",
-                    workdir=work,
-                )
-                for rule in workflow._workflow.rules:
-                    base = (
-                        REPO / Path(rule.snakefile).resolve().relative_to(work.resolve())
-                    ).parent
-                    env = (base / rule.conda_env).resolve() if rule.conda_env else None
-                    script = (base / rule.script).resolve() if rule.script else None
-                    runs = not rule.norun  # a script, a shell command or a run block
-                    found[rule.name] = (Path(rule.snakefile).name, rule.name, env, script, runs)
+    # Kept for the session: the workflow puts its src/ on sys.path for this process.
+    tmp = Path(tempfile.mkdtemp(prefix="crce-rules-"))
+    for overlay in ([], [Path("config/test.yaml")]):
+        work = make_workdir(tmp / f"w{len(overlay)}")
+        with SnakemakeApi() as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(),
+                config_settings=ConfigSettings(configfiles=overlay),
+                snakefile=work / "Snakefile",
+                workdir=work,
+            )
+            for rule in workflow._workflow.rules:
+                base = Path(rule.snakefile).resolve().parent
+                env = (base / rule.conda_env).resolve() if rule.conda_env else None
+                script = (base / rule.script).resolve() if rule.script else None
+                runs = not rule.norun  # a script, a shell command or a run block
+                found[rule.name] = (Path(rule.snakefile).name, rule.name, env, script, runs)
     return sorted(found.values(), key=lambda r: (r[0], r[1]))
 
 

@@ -204,8 +204,8 @@ def test_judging_answers_and_caches(tmp_path):
     assert list(frame["question"]) == ["cat", "cat", "p2"] * 2  # retains: asked about themselves
     assert len(cache.read_text().splitlines()) == 12
     # A third method: only its 6 new images are sent.
-    manifests.append(_manifest(tmp_path, "esd-x"))
-    outputs.append(str(tmp_path / "j" / "esd-x.parquet"))
+    manifests["esd-x"] = _manifest(tmp_path, "esd-x")
+    outputs["esd-x"] = str(tmp_path / "j" / "esd-x.parquet")
     judge()
     assert len(cache.read_text().splitlines()) == 18
     # A new prompt version re-judges everything.

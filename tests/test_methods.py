@@ -125,7 +125,7 @@ def test_your_own_method_runs_to_a_table1_row_and_reruns_alone_when_edited(test_
     result = snakemake(world.work, "table1", *args)
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv")
-    assert list(table["method"])[-1] == "Forget"
+    assert "Forget" in list(table["method"])
     assert table.set_index("method").loc["Forget"].notna().all()
     delta = load_file(world.work / "results" / "models" / "forget" / "cat" / "delta.safetensors")
     pipe = load_pipeline(str(world.work / "results" / "base-model" / "tiny"))

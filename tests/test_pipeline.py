@@ -109,7 +109,7 @@ def test_a_new_trainer_version_retrains_every_concept(test_world, tmp_path):
     world = test_world.copy(tmp_path / "world")
     (world.work / "src").unlink()
     shutil.copytree(REPO / "src", world.work / "src")
-    settings = world.work / "src" / "crce" / "settings.py"
+    settings = world.work / "src" / "crce" / "constants.py"
     text = settings.read_text()
     assert "\nTRAINER_VERSION = " in text
     settings.write_text(text.replace("\nTRAINER_VERSION = ", "\nTRAINER_VERSION = 1 + ", 1))

@@ -311,19 +311,24 @@ def docs_text(current: str) -> str:
     return current.rstrip() + "\n\n" + block + "\n"
 
 
+def stale(schema: Path = SCHEMA, docs: Path = DOCS) -> dict[Path, str]:
+    """The files that differ from what the models generate, with what they should hold."""
+    wanted = {schema: schema_text(), docs: docs_text(docs.read_text(encoding="utf-8"))}
+    return {p: text for p, text in wanted.items() if p.read_text(encoding="utf-8") != text}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, write nothing")
     args = parser.parse_args(argv)
-    wanted = {SCHEMA: schema_text(), DOCS: docs_text(DOCS.read_text(encoding="utf-8"))}
-    stale = [path for path, text in wanted.items() if path.read_text(encoding="utf-8") != text]
+    differ = stale()
     if args.check:
-        for path in stale:
+        for path in differ:
             print(f"{path.relative_to(REPO)} differs from the settings models: run "
                   "`python -m crce.config_schema`", file=sys.stderr)  # fmt: skip
-        return 1 if stale else 0
-    for path in stale:
-        path.write_text(wanted[path], encoding="utf-8")
+        return 1 if differ else 0
+    for path, text in differ.items():
+        path.write_text(text, encoding="utf-8")
         print(f"wrote {path.relative_to(REPO)}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The paper's published numbers (Xue et al., BMVC 2025; FACTS 1), as printed: what our
+"""The paper's published numbers (Xue et al., BMVC 2025, Tables 1 and 2), as printed: what our
 tables are set beside. No imports: the workflow reads them at parse time."""
 
 # Paper, Table 1 (percent): category -> U, C-train, C-test, R-train, R-test, as printed. Some

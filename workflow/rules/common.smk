@@ -4,7 +4,6 @@ import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -16,27 +15,10 @@ WORKDIR = os.getcwd()
 sys.path[:0] = [SRC, WORKDIR]
 
 
-def jobs_import_from(*paths):
-    """Make every job import from `paths` (PYTHONPATH, inherited by the scripts Snakemake
-    starts, on the cluster too): envs carry third-party packages only, so an edit to src/crce
-    reaches every job without rebuilding an env, and without changing an env's identity
-    (which would rerun every job)."""
-    current = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        dict.fromkeys(p for p in (*paths, *current) if p)
-    )
-
-
-def untracked(settings):
-    """Knobs that change no result, for a rule's params: Snakemake's params trigger records
-    builtins only (snakemake.persistence), so a SimpleNamespace never causes a rerun. The job
-    rebuilds the settings object with `Model(**vars(namespace))`."""
-    return SimpleNamespace(**settings.model_dump(mode="json"))
-
-
 from crce.concepts import SheetError, load_sheet
 from crce.constants import METRICS, TRAINER_VERSION
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
+from crce.jobs import jobs_import_from, untracked
 from crce.paper import PAPER_TABLE2
 from crce.study import SettingsError, Study
 
