@@ -175,15 +175,32 @@ def test_fake_rejects_what_vllm_rejects(fake_server, tmp_path):
     bad = [
         {**body, "top_logprobs": 21},
         {**body, "logprobs": False},
-        {
-            **{k: v for k, v in body.items() if k != "structured_outputs"},
-            "guided_choice": ["yes", "no"],
-        },
         {**body, "model": "other"},
         {**body, "messages": [{"role": "user", "content": body["messages"][0]["content"] * 2}]},
     ]
     for request in bad:
         assert httpx2.post(url, json=request).status_code in (400, 404), request.keys()
+    # vLLM 0.33 accepts a field it no longer knows (guided_choice, removed in 0.12), ignores it
+    # with a warning and leaves the answer unconstrained: so does the fake, and it counts it.
+    old = {**{k: v for k, v in body.items() if k != "structured_outputs"},
+           "guided_choice": ["yes", "no"]}  # fmt: skip
+    assert httpx2.post(url, json=old).status_code == 200
+    stats = httpx2.get(server.base_url.removesuffix("/v1") + "/stats").json()
+    assert stats["ignored"] == {"guided_choice": 1}
+
+
+@pytest.mark.parametrize("structured", ["choice", "none"])
+def test_the_judge_sends_no_field_the_pinned_vllm_ignores(fake_server, tmp_path, structured):
+    """Every field of the judge's requests is one vLLM 0.33 reads (the fake counts the ones
+    it would ignore, as the test above shows it does)."""
+    server = fake_server(model="fake-judge")
+    manifests = {"sd": _manifest(tmp_path, "sd")}
+    settings = JUDGE.model_copy(update={"structured_output": structured})
+    judge_manifests(manifests, {"sd": str(tmp_path / "o.parquet")}, settings=settings,
+                    runtime=JudgeRuntime(base_url=server.base_url, max_retries=1),
+                    cache_path=tmp_path / "c.jsonl", progress=False)  # fmt: skip
+    stats = httpx2.get(server.base_url.removesuffix("/v1") + "/stats").json()
+    assert stats["judge"] >= 6 and stats["ignored"] == {}
 
 
 def test_judging_answers_and_caches(tmp_path):

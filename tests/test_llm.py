@@ -25,6 +25,15 @@ def runtime(**kw):
     )
 
 
+@pytest.mark.parametrize("structured", ["json_schema", "json_object", "none"])
+def test_list_requests_send_no_field_the_pinned_vllm_ignores(fake_server, structured):
+    server = fake_server(["good"])
+    settings = SETTINGS.model_copy(update={"structured_output": structured})
+    generate_lists(CAT, settings, runtime(), server.base_url)
+    stats = httpx2.get(server.base_url.removesuffix("/v1") + "/stats").json()
+    assert stats["list"] == 1 and stats["ignored"] == {}
+
+
 def test_good_lists(fake_server):
     server = fake_server(["good"])
     lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
@@ -34,7 +43,9 @@ def test_good_lists(fake_server):
     assert lists.corefs[0].text.startswith("bat (animal)")
 
 
-@pytest.mark.parametrize("bad", ["malformed", "short", "duplicates", "target", "overlap"])
+@pytest.mark.parametrize(
+    "bad", ["malformed", "short", "duplicates", "target", "article", "overlap"]
+)
 def test_rule_violations_are_re_asked(fake_server, bad):
     server = fake_server([bad, "good"])
     lists = generate_lists(CAT, SETTINGS, runtime(), server.base_url)
@@ -120,7 +131,9 @@ def test_a_served_job_stops_the_process_group(tmp_path):
     from helpers import FAKE_SERVER
 
     command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}}"
-    url = call_served(lambda url: url, serve=command, model="m", base_url=None, startup_timeout=30)
+    url = call_served(
+        lambda url: url, runtime=LlmRuntime(serve=command, startup_timeout=30), model="m"
+    )
     assert url.startswith("http://127.0.0.1:")
     port = int(url.split(":")[2].split("/")[0])
     import socket
@@ -141,3 +154,63 @@ def test_paraphrases_never_name_the_target_or_a_coref(fake_server):
     assert paraphrase_violations(["a bat (animal) at night"] * 4, 4, CAT.text, []) != []
     problems = paraphrase_violations(["a Flying Mammal", "b", "c"], 4, CAT.text, ["flying mammal"])
     assert any("exactly 4" in p for p in problems) and any("flying mammal" in p for p in problems)
+
+
+def test_a_server_that_wants_a_key_fails_at_once_naming_the_variable(tmp_path, monkeypatch):
+    """A started vLLM inherits VLLM_API_KEY and then checks keys on /v1: the readiness probe
+    sends the key the config names, and a 401 is an error in seconds, not a wait for the whole
+    startup timeout."""
+    import time
+
+    from helpers import FAKE_SERVER
+
+    command = f"{{python}} {FAKE_SERVER} --port {{port}} --model {{model}} --api-key s3cret"
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    server = ManagedServer(command, "m", startup_timeout=600, log_path=tmp_path / "s.log",
+                           api_key_env="VLLM_API_KEY")  # fmt: skip
+    began = time.monotonic()
+    with pytest.raises(ServerError, match="wants an API key: set VLLM_API_KEY") as caught:
+        server.start()
+    assert time.monotonic() - began < 30 and "s3cret" not in str(caught.value)
+    assert server.process is None  # stopped
+    monkeypatch.setenv("VLLM_API_KEY", "s3cret")
+    try:
+        assert server.start().endswith("/v1")  # the same probe, with the key: ready
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_judge_names_its_endpoint(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from crce.judge import judge_manifests
+    from crce.settings import JudgeRuntime, JudgeSettings
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    row = {"method": "sd", "concept": "cat", "concept_text": "cat", "category": "object",
+           "group": "target", "prompt": "cat", "image_index": 0, "seed": 0,
+           "path": str(tmp_path / "a.png")}  # fmt: skip
+    pd.DataFrame([row]).to_parquet(tmp_path / "m.parquet")
+    settings = JudgeSettings(model="j", prompt="<X>?", prompt_version="1")
+    runtime = JudgeRuntime(base_url="http://127.0.0.1:9/v1", max_retries=1, timeout=2)
+    with pytest.raises(Exception, match=r"no judge answered at http://127.0.0.1:9/v1"):
+        judge_manifests({"sd": str(tmp_path / "m.parquet")}, {"sd": str(tmp_path / "o.parquet")},
+                        settings=settings, runtime=runtime, cache_path=tmp_path / "c.jsonl",
+                        progress=False)  # fmt: skip
+
+
+def test_an_article_or_case_does_not_hide_the_target_or_an_overlap():
+    from fake_openai_server import good_lists
+
+    from crce.llm import _Answer
+
+    data = good_lists("zebra")
+    data["corefs"][0]["text"] = "a Zebra"
+    data["retains"][0]["text"] = "The  zebra alias 3"  # coref "zebra alias 3", another case
+    problems = violations(_Answer.model_validate(data), "zebra")
+    assert any("contains the target 'zebra' itself (as 'a Zebra')" in p for p in problems)
+    assert any("in both lists: 'zebra alias 3'" in p for p in problems)
+    data = good_lists("zebra")
+    data["corefs"][1]["text"] = "a zebra alias 0"  # beside "zebra alias 0": another prompt
+    assert violations(_Answer.model_validate(data), "zebra") == []

@@ -35,7 +35,26 @@ BAD_SHEETS = {
     "empty text": ("cat\tobject\n\tobject\n", "line 3", "empty concept"),
     "id escapes": ("cat\tobject\t../x\n", "line 2", "not path-safe"),
     "id with slash": ("cat\tobject\ta/b\n", "line 2", "not path-safe"),
+    "no ASCII to slug": ("cat\tobject\n熊猫\tobject\n", "line 3", "give the row an id"),
+    "only punctuation": ("???\tobject\n", "line 2", "`id` column, e.g. ???\tobject\tpanda"),
+    "id too long": (f"cat\tobject\t{'c' * 101}\n", "line 2", "at most 100 characters"),
 }
+
+
+def test_a_long_concept_gets_a_bounded_stable_id(tmp_path):
+    """A 300-character concept: its id fits any file system's 255-byte names, keeps its first
+    words, is the same in every run, and two long texts with one prefix get two ids."""
+    from crce.concepts import slugify
+
+    long_a = "a very long description of " + "an elaborate castle " * 14 + "at dawn"
+    long_b = long_a.replace("at dawn", "at dusk")
+    assert len(long_a) >= 300
+    path = _write(tmp_path, f"{long_a}\tobject\n{long_b}\tobject\n")
+    first, second = load_sheet(path)
+    assert len(first.id) <= 64 and first.id.startswith("a-very-long-description-of-an")
+    assert first.id != second.id and first.id == slugify(long_a) == load_sheet(path)[0].id
+    assert first.text == long_a  # the prompt keeps the whole text
+    (tmp_path / f"{first.id}.json").write_text("{}")  # a name the disk takes
 
 
 def _write(tmp_path, body):

@@ -334,3 +334,33 @@ def test_the_papers_table6_plans_each_cell_once(workdir):
     sampled = {(m, c) for m, c in cells}
     assert len({m for m, _ in sampled}) == 16  # crce and its 15 cells
     assert len(sampled) == 16 * 20 and counts["table6_figure"] == 5
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"split": {"n_train": 12, "n_test": 5}}, "split.n_train + split.n_test = 12 + 5 = 17"),
+        ({"methods": {"crce": {"n_corefs": 11}}}, "methods.crce: n_corefs=11 draws more"),
+        ({"split": {"n_train": 4}, "corefs": {"dataset": None}},
+         "methods.crce-fixed: n_corefs=5 draws more items per iteration than a train split has (4)"),
+        ({"sweep": {"n_retains": [1, 10], "n_corefs": [1], "categories": ["object"],
+                    "method": "crce"}, "split": {"n_train": 9}, "corefs": {"dataset": None}},
+         "sweep: M=1, N=10 draw more items than the train split has (split.n_train=9)"),
+    ],
+)  # fmt: skip
+def test_a_contradiction_in_the_config_is_refused_before_any_job(overlay, message):
+    """What the config alone decides fails when the config is read, not hours later in a job."""
+    from crce.study import SettingsError, Study
+
+    _, config = resolved("config.yaml")
+    update_config(config, overlay)
+    with pytest.raises(SettingsError) as caught:
+        Study(config)
+    assert message in str(caught.value)
+
+
+def test_a_contradiction_stops_the_dry_run_naming_the_keys(workdir):
+    (workdir / "big-split.yaml").write_text("split:\n  n_train: 12\n  n_test: 5\n")
+    result = snakemake(workdir, "-n", "table1", "--configfile", "big-split.yaml")
+    assert result.returncode != 0
+    assert "bad config: split.n_train + split.n_test = 12 + 5 = 17" in result.stdout

@@ -38,10 +38,7 @@ COLUMNS = ["method", "concept", "category", "group", "prompt", "question", "imag
 
 def clip_answers(images: pd.DataFrame, split: Split, encoder, template: str) -> pd.Series:
     """yes when the asked label wins among the target and the concept's retains."""
-    labels = [
-        split.concept,
-        *(i.text for g in ("retain_train", "retain_test") for i in getattr(split, g)),
-    ]
+    labels = [split.concept, *(item.text for _, item in split.items("retain"))]
     labels = list(dict.fromkeys(labels))
     texts = encoder.texts([template.format(label) for label in labels])
     features = encoder.images(list(images["path"]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from .constants import GROUPS
 from .lists import Split
 from .modeling import load_pipeline, tokenize
 
@@ -36,7 +35,7 @@ def _distances(embeddings: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def text_distances(pipe, split: Split) -> pd.DataFrame:
-    items = [(g, i.text, i.certainty.value) for g in GROUPS[1:] for i in getattr(split, g)]
+    items = [(group, i.text, i.certainty.value) for group, i in split.items()]
     pooled, tokens = text_embeddings(pipe, [split.concept] + [text for _, text, _ in items])
     (cos, euc), (cos_t, euc_t) = _distances(pooled), _distances(tokens)
     rows = []

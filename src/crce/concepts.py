@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -11,6 +12,10 @@ from pathlib import Path
 from .constants import CATEGORIES
 
 _SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# Every output path holds an id, and a file name has at most 255 bytes: a slug longer than
+# MAX_SLUG keeps a readable prefix and a hash of the whole text (stable across runs).
+MAX_SLUG = 64
+MAX_ID = 100
 
 
 class SheetError(ValueError):
@@ -25,9 +30,16 @@ class Concept:
 
 
 def slugify(text: str) -> str:
-    """Path-safe ASCII slug: `bat (animal)` -> `bat-animal`, `Beyoncé` -> `beyonce`."""
+    """Path-safe ASCII slug: `bat (animal)` -> `bat-animal`, `Beyoncé` -> `beyonce`; a long
+    text -> its first words and the first 8 hex digits of the whole text's sha256."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(slug) <= MAX_SLUG:
+        return slug
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    head = slug[: MAX_SLUG - len(digest) - 1]
+    head = head.rsplit("-", 1)[0] if "-" in head else head  # at a word boundary
+    return f"{head}-{digest}"
 
 
 def load_sheet(path: str | Path) -> list[Concept]:
@@ -65,10 +77,16 @@ def load_sheet(path: str | Path) -> list[Concept]:
                     f"(expected one of {', '.join(CATEGORIES)})"
                 )
             concept_id = given_id or slugify(text)
-            if not _SAFE_ID.match(concept_id):
+            if not concept_id:
+                raise SheetError(
+                    f"{where}: {text!r} has no ASCII letters or digits to make an id from: give "
+                    f"the row an id in the sheet's optional `id` column, e.g. "
+                    f"{text}\t{category}\tpanda (lowercase letters, digits, '-', '_')"
+                )
+            if not _SAFE_ID.match(concept_id) or len(concept_id) > MAX_ID:
                 raise SheetError(
                     f"{where}: id {concept_id!r} of {text!r} is not path-safe "
-                    "(lowercase letters, digits, '-' and '_' only)"
+                    f"(lowercase letters, digits, '-' and '_' only, at most {MAX_ID} characters)"
                 )
             key = text.casefold()
             if key in seen_text:

@@ -89,10 +89,8 @@ def build_lists(
     log.info("%s: asking LLM %s", concept.text, settings.model)
     return call_served(
         lambda base_url: generate_lists(concept, settings, runtime, base_url),
-        serve=runtime.serve,
+        runtime=runtime,
         model=settings.model,
-        base_url=runtime.base_url,
-        startup_timeout=runtime.startup_timeout,
         log_path=server_log,
     )
 

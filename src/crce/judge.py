@@ -17,12 +17,13 @@ import os
 import re
 from pathlib import Path
 
+import openai
 import pandas as pd
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm import tqdm
 
 from .constants import ANSWERS
-from .serving import TRANSIENT, call_served, openai_client
+from .serving import TRANSIENT, call_served, openai_client, unreachable
 from .settings import JudgeRuntime, JudgeSettings
 
 log = logging.getLogger(__name__)
@@ -268,22 +269,10 @@ def _run(coroutine) -> None:
 def _judge_with_server(rows, settings, runtime, cache, server_log, progress) -> None:
     def judge_unjudged(base_url):
         pending = [r for r in rows if r["key"] not in cache]
-        _run(
-            _judge_rows(
-                pending,
-                base_url=base_url,
-                settings=settings,
-                runtime=runtime,
-                cache=cache,
-                progress=progress,
-            )
-        )
+        try:
+            _run(_judge_rows(pending, base_url=base_url, settings=settings, runtime=runtime,
+                             cache=cache, progress=progress))  # fmt: skip
+        except openai.APIConnectionError as err:
+            raise unreachable(err, base_url, "judge") from err
 
-    call_served(
-        judge_unjudged,
-        serve=runtime.serve,
-        model=settings.model,
-        base_url=runtime.base_url,
-        startup_timeout=runtime.startup_timeout,
-        log_path=server_log,
-    )
+    call_served(judge_unjudged, runtime=runtime, model=settings.model, log_path=server_log)

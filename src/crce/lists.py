@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .constants import Category
+from .constants import GROUPS, Category
 
 
 class Certainty(StrEnum):
@@ -99,6 +99,16 @@ class Split(_Strict):
     coref_test: list[WeightedItem]
     retain_train: list[WeightedItem]
     retain_test: list[WeightedItem]
+
+    def items(self, *kinds: str) -> list[tuple[str, WeightedItem]]:
+        """(group, item) of the lists, in Table 1's group order; `kinds` ("coref", "retain",
+        or a group) picks some of them."""
+        groups = [g for g in GROUPS[1:] if not kinds or any(g.startswith(k) for k in kinds)]
+        return [(group, item) for group in groups for item in getattr(self, group)]
+
+    def prompts(self) -> list[tuple[str, str]]:
+        """(group, text) of every prompt of the concept: the target, then the lists' items."""
+        return [("target", self.concept)] + [(g, item.text) for g, item in self.items()]
 
 
 def describe_errors(err: ValidationError, most: int = 5) -> str:

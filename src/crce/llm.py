@@ -101,10 +101,22 @@ def parse_answer(raw: str, model: type[BaseModel] = _Answer) -> BaseModel:
         ) from err
 
 
+_ARTICLE = re.compile(r"^(a|an|the)\s+")
+
+
+def normalised(text: str) -> str:
+    """An item as the rules compare it: case, spacing and a leading article aside ("A  Zebra"
+    is "zebra")."""
+    return _ARTICLE.sub("", " ".join(text.casefold().split()))
+
+
 def violations(answer: _Answer, concept: str) -> list[str]:
-    """Rules an LLM answer must satisfy; an empty list means it is usable."""
+    """Rules an LLM answer must satisfy; an empty list means it is usable. The target and the
+    other list are compared `normalised` ("a zebra" is the target "zebra", "A Fox" in both
+    lists an overlap); repeats within a list by case and spacing ("a disc" beside "disc" is
+    another prompt)."""
     problems = []
-    target = concept.strip().casefold()
+    target = normalised(concept)
     keys: dict[str, set[str]] = {}
     for name in ("corefs", "retains"):
         items = getattr(answer, name)
@@ -113,13 +125,15 @@ def violations(answer: _Answer, concept: str) -> list[str]:
             problems.append(f"'{name}' has {len(items)} items, it needs exactly {LIST_LENGTH}")
         if any(not t for t in texts):
             problems.append(f"'{name}' has an empty item")
-        folded = [t.casefold() for t in texts]
+        folded = [" ".join(t.casefold().split()) for t in texts]
         duplicates = sorted({t for t in folded if folded.count(t) > 1})
         if duplicates:
             problems.append(f"'{name}' repeats {', '.join(repr(d) for d in duplicates)}")
-        if target in folded:
-            problems.append(f"'{name}' contains the target {concept!r} itself")
-        keys[name] = set(folded)
+        bare = [normalised(t) for t in texts]
+        if target in bare:
+            found = texts[bare.index(target)]
+            problems.append(f"'{name}' contains the target {concept!r} itself (as {found!r})")
+        keys[name] = set(bare)
     both = sorted(keys["corefs"] & keys["retains"])
     if both:
         problems.append(f"these items are in both lists: {', '.join(repr(b) for b in both)}")

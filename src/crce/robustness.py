@@ -24,7 +24,7 @@ def build_prompts(
     server_log: str | None = None,
 ) -> dict:
     """The concept's robustness prompts, each with its kind (paraphrase or template)."""
-    corefs = [i.text for g in ("coref_train", "coref_test") for i in getattr(split, g)]
+    corefs = [item.text for _, item in split.items("coref")]
     prompts, provenance = [], {"source": None}
     curated = Path(settings.curated_dir or "", f"{concept.id}.json")
     if settings.curated_dir and curated.is_file():
@@ -38,10 +38,8 @@ def build_prompts(
             lambda url: generate_paraphrases(
                 concept, corefs, settings.llm_prompts, list_settings, runtime, url
             ),
-            serve=runtime.serve,
+            runtime=runtime,
             model=list_settings.model,
-            base_url=runtime.base_url,
-            startup_timeout=runtime.startup_timeout,
             log_path=server_log,
         )
         provenance = {"source": "llm", "model": list_settings.model, "attempts": attempts,
@@ -53,10 +51,13 @@ def build_prompts(
     return {"concept": concept.text, "id": concept.id, "prompts": items, "provenance": provenance}
 
 
-def run_prompts(*, concept, split_path, settings, list_settings, runtime, output, server_log):
+def run_prompts(*, split_path, settings, list_settings, runtime, output, server_log):
+    """The `robust_prompts` rule; the concept is the split's."""
     from .lists import read_split
 
-    data = build_prompts(Concept(**concept), read_split(split_path),
+    split = read_split(split_path)
+    concept = Concept(id=split.id, text=split.concept, category=split.category)
+    data = build_prompts(concept, split,
                          RobustnessSettings(**settings), ListSettings(**list_settings),
                          LlmRuntime(**runtime), server_log)  # fmt: skip
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .constants import GROUPS
 from .digests import files_sha256
 from .lists import Split
 from .modeling import device_for, load_pipeline, torch_dtype
@@ -59,10 +58,7 @@ def image_seed(base_seed: int, concept_id: str, prompt: str, image_index: int) -
 
 def plan_images(split: Split, *, method: str, seed: int, images_per_prompt: int) -> pd.DataFrame:
     rows = []
-    prompts = [("target", split.concept)]
-    for group in GROUPS[1:]:
-        prompts += [(group, item.text) for item in getattr(split, group)]
-    for prompt_index, (group, prompt) in enumerate(prompts):
+    for prompt_index, (group, prompt) in enumerate(split.prompts()):
         for image_index in range(images_per_prompt):
             rows.append(
                 {

@@ -3,8 +3,10 @@ toy servers): the client, the errors worth retrying, and a server's lifecycle.
 
 Convention shared by every server: the command is a template with `{port}` and `{model}`
 (and `{python}`, this interpreter) placeholders; the job picks a free port on 127.0.0.1,
-starts the command in its own process group, waits until `GET /v1/models` answers, restarts
-it once if it dies mid-run, and kills the whole group when done.
+starts the command in its own process group, waits until `GET /health` answers (vLLM's, which
+needs no key) and `GET /v1/models` answers with the key the config names (a started vLLM
+inherits `VLLM_API_KEY` and then wants it on `/v1`), restarts it once if it dies mid-run, and
+kills the whole group when done.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ T = TypeVar("T")
 TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
+def unreachable(err: openai.APIConnectionError, base_url: str | None, what: str):
+    """The same connection error, its message naming the endpoint (never the key)."""
+    where = base_url or "the default OpenAI endpoint"
+    return openai.APIConnectionError(
+        message=f"no {what} answered at {where} ({err})", request=err.request
+    )
+
+
 def openai_client(
     base_url: str | None, *, api_key_env: str, timeout: float, asynchronous: bool = False
 ):
@@ -57,12 +67,18 @@ def render_command(template: str, *, port: int, model: str) -> str:
     return template.format(port=port, model=model, python=shlex.quote(sys.executable))
 
 
-def _answers(url: str, timeout: float = 2.0) -> bool:
+def _status(url: str, api_key: str | None = None, timeout: float = 2.0) -> int | None:
+    """The HTTP status of GET `url` (with the key as a bearer token), None when nothing answers."""
+    request = urllib.request.Request(url)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
 
 
 def _group_alive(group: int) -> bool:
@@ -85,9 +101,11 @@ class ManagedServer:
         *,
         startup_timeout: float = 600.0,
         log_path: str | Path | None = None,
+        api_key_env: str | None = None,
     ):
         self.command_template = command
         self.model = model
+        self.api_key_env = api_key_env
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
@@ -114,6 +132,7 @@ class ManagedServer:
             output.close()
         self.starts += 1
         root = f"http://127.0.0.1:{port}"
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -121,10 +140,20 @@ class ManagedServer:
                     f"server exited with code {self.process.returncode} before answering: "
                     f"{command}{self._log_tail()}"
                 )
-            if _answers(f"{root}/v1/models"):
-                self.base_url = f"{root}/v1"
-                log.info("server ready at %s", self.base_url)
-                return self.base_url
+            health = _status(f"{root}/health")
+            if health is not None and (health < 300 or health == 404):  # up (or no /health)
+                status = _status(f"{root}/v1/models", key)
+                if status in (401, 403):
+                    self.stop()
+                    raise ServerError(
+                        f"the server at {root} wants an API key: set {self.api_key_env} to the "
+                        "key it expects (the variable the config's `api_key_env` names; a "
+                        "started vLLM takes VLLM_API_KEY from the environment)"
+                    )
+                if status is not None and status < 300:
+                    self.base_url = f"{root}/v1"
+                    log.info("server ready at %s", self.base_url)
+                    return self.base_url
             time.sleep(0.25)
         self.stop()
         raise ServerError(
@@ -163,20 +192,16 @@ class ManagedServer:
 
 
 def call_served(
-    work: Callable[[str | None], T],
-    *,
-    serve: str | None,
-    model: str,
-    base_url: str | None,
-    startup_timeout: float = 600.0,
-    log_path: str | Path | None = None,
+    work: Callable[[str | None], T], *, runtime, model: str, log_path: str | Path | None = None
 ) -> T:
-    """Run `work(base_url)` against the endpoint: `base_url` itself when `serve` is None, else a
-    server started for the job. A server that dies mid-run is restarted once and `work` is
-    called again (it must skip what it already finished); the server is always stopped."""
-    if not serve:
-        return work(base_url)
-    server = ManagedServer(serve, model, startup_timeout=startup_timeout, log_path=log_path)
+    """Run `work(base_url)` against the endpoint of `runtime` (an LlmRuntime or JudgeRuntime):
+    its `base_url` when it has no `serve` command, else a server started for the job. A
+    server that dies mid-run is restarted once and `work` is called again (it must skip what
+    it already finished); the server is always stopped."""
+    if not runtime.serve:
+        return work(runtime.base_url)
+    server = ManagedServer(runtime.serve, model, startup_timeout=runtime.startup_timeout,
+                           log_path=log_path, api_key_env=runtime.api_key_env)  # fmt: skip
     try:
         url = server.start()
         try:

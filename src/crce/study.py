@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from pydantic import BaseModel, ValidationError
 
 from . import methods as registry
+from .constants import LIST_LENGTH, N_TRAIN
 from .methods import Kind, Method, MethodSettings
 from .settings import (
     AuditSettings,
@@ -178,6 +179,9 @@ class Study:
         self.train_runtime = TrainRuntime(**runtime)
         self.trained = {name: m for name, m in self.methods.items() if m.trains}
         self.split = SplitSettings(seed=self.seed, **config["split"])
+        llm, corefs = config["llm"], config["corefs"]
+        self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
+        self.check_split()
         self.sweep = Sweep(config.get("sweep"), self.trained, self.split.n_train)
         # train.group_methods: one erase job per concept trains Table 1's group, another the
         # sweep's cells (crce.erase); the rest train one method per job. Without a Table 1
@@ -191,8 +195,6 @@ class Study:
         self.all_trained = {**self.trained, **self.sweep.trained}
         grouped = set(self.grouped) | set(self.sweep_grouped)
         self.solo = [m for m in self.all_trained if m not in grouped]
-        llm, corefs = config["llm"], config["corefs"]
-        self.lists = ListSettings(**corefs, **split_known(ListSettings, llm)[0])
         self.llm_runtime = LlmRuntime(**split_known(LlmRuntime, llm)[0])
         self.sample = SampleSettings(**split_known(SampleSettings, config["sample"])[0])
         self.sample_runtime = SampleRuntime(**split_known(SampleRuntime, config["sample"])[0])
@@ -205,6 +207,23 @@ class Study:
         self.quality = QualitySettings(**config["quality"]) if "quality" in config else None
         self.robustness = RobustnessSettings(**config.get("robustness", {}))
         self.audit = AuditSettings(**config.get("audit", {}))
+
+    def check_split(self) -> None:
+        """Contradictions the config alone decides, refused before any job: a split larger
+        than a list, a method that draws more than a train split holds."""
+        split = self.split
+        if split.n_train + split.n_test > LIST_LENGTH:
+            raise SettingsError(
+                f"split.n_train + split.n_test = {split.n_train} + {split.n_test} = "
+                f"{split.n_train + split.n_test}: more than the {LIST_LENGTH} items of a list"
+            )
+        # The dataset's concepts keep its own 10/5 split; the LLM's follow split.n_train.
+        n_train = min(split.n_train, N_TRAIN) if self.lists.dataset else split.n_train
+        for name, method in self.trained.items():
+            problems = method.cls.config_problems(method.settings, n_train=n_train)
+            if problems:
+                where = "split.n_train" + (" and the dataset's split" if self.lists.dataset else "")
+                raise SettingsError(f"methods.{name}: {'; '.join(problems)} ({where})")
 
     # -- what the rules ask of a method -----------------------------------------------------
     def erase_params(self, methods: list[str]) -> dict:

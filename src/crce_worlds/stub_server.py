@@ -143,7 +143,9 @@ def make_handler(backend, model: str, api_key: str | None = None):
             images, texts = [], []
             for message in body.get("messages", []):
                 content = message.get("content")
-                parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+                parts = (
+                    content if isinstance(content, list) else [{"type": "text", "text": content}]
+                )
                 for part in parts:
                     if part.get("type") == "image_url":
                         images.append(part["image_url"]["url"])

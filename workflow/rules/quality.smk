@@ -124,7 +124,6 @@ rule robust_prompts:
     resources:
         gpu=1 if STUDY.llm_runtime.serve and STUDY.robustness.llm_prompts else 0,
     params:
-        concept=concept_row,
         settings=STUDY.robustness.as_params(),
         lists=STUDY.lists.as_params(),
         runtime=untracked(STUDY.llm_runtime),

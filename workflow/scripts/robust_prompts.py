@@ -4,7 +4,6 @@ from crce.robustness import run_prompts
 with job_log(snakemake.log[0]):
     p = snakemake.params
     run_prompts(
-        concept=p.concept,
         split_path=snakemake.input.split,
         settings=p.settings,
         list_settings=p.lists,

@@ -130,6 +130,12 @@ class Method:
         return None
 
     @classmethod
+    def config_problems(cls, settings: MethodSettings, *, n_train: int) -> list[str]:
+        """What the config alone says cannot work (found before any job runs): e.g. more items
+        drawn per iteration than a train split has (`n_train`)."""
+        return []
+
+    @classmethod
     def references(cls, settings: MethodSettings, concept: dict) -> list[ReferenceRequest]:
         """Image sets it trains on (none by default)."""
         return []

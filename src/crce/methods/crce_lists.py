@@ -46,6 +46,15 @@ class Lists(Esd):
     Settings = CrceSettings
     own_keys = frozenset({"n_corefs", "n_retains", "fixed"})
 
+    @classmethod
+    def config_problems(cls, settings, *, n_train):
+        drawn = {"n_corefs": settings.n_corefs, "n_retains": settings.n_retains}
+        return [
+            f"{key}={value} draws more items per iteration than a train split has ({n_train})"
+            for key, value in drawn.items()
+            if value > n_train
+        ]
+
     def __init__(self, settings, *, target, split, seed):
         super().__init__(settings, target=target, split=split, seed=seed)
         s = settings

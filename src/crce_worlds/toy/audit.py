@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from crce.constants import GROUPS
 from crce.judge import judge_question
 from crce.seeds import derive_seed
 from crce.settings import AuditSettings
@@ -24,9 +23,7 @@ def labelled_renders(
     """A manifest of renders with a `truth` column (does the image show what is asked?), the
     question read as the judge will ask it (`judge.retain_question`)."""
     rng = random.Random(derive_seed("crce-audit-renders", settings.seed, split.id))
-    prompts = [("target", split.concept)] + [
-        (group, item.text) for group in GROUPS[1:] for item in getattr(split, group)
-    ]
+    prompts = split.prompts()
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for k in range(settings.renders):
