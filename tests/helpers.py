@@ -33,11 +33,45 @@ def make_cat_split():
     return make_split(lists, seed=0)
 
 
+def workflow_rules() -> dict:
+    """Every rule of the workflow as Snakemake reads it (name -> snakemake Rule), loaded once
+    with the paper's config and once with the test world's, so rules defined under an `if`
+    (erase_group, erase_sweep, features_model) are there too."""
+    import tempfile
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, ResourceSettings
+
+    found = {}
+    # Kept for the process: the workflow puts its src/ on sys.path.
+    tmp = Path(tempfile.mkdtemp(prefix="crce-rules-"))
+    for overlay in ([], [Path("config/test.yaml")]):
+        work = make_workdir(tmp / f"w{len(overlay)}")
+        with SnakemakeApi() as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(),
+                config_settings=ConfigSettings(configfiles=overlay),
+                snakefile=work / "Snakefile",
+                workdir=work,
+            )
+            found.update({rule.name: rule for rule in workflow._workflow.rules})
+    return found
+
+
 def make_workdir(tmp_path: Path) -> Path:
     """A fresh working directory with the workflow linked in (results/ and logs/ stay local)."""
     work = tmp_path / "work"
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "config", "src", "tests", "resources", "envs"):
+    for name in (
+        "Snakefile",
+        "workflow",
+        "config",
+        "src",
+        "tests",
+        "resources",
+        "envs",
+        "profiles",
+    ):
         target = work / name
         if not target.exists():
             target.symlink_to(REPO / name)

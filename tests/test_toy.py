@@ -196,11 +196,20 @@ def test_the_shipped_toy_model_keeps_sd14s_scheduler_config():
 
 @pytest.mark.slow
 @pytest.mark.demo
-def test_demo_erases_the_target(tmp_path):
-    """Properties of a working model and a working erasure, not timings."""
+def test_demo_erases_the_target_and_recovers_from_a_sigkill(tmp_path):
+    """Killed (SIGKILL) at its first training checkpoint, the demo's command recovers after
+    the README's one `--unlock`, resuming the training; then the properties of a working model
+    and a working erasure, not timings."""
+    from test_recovery import kill_at_first_checkpoint
+
     work = make_workdir(tmp_path)
-    result = snakemake(work, "table1", "--configfile=config/demo.yaml", timeout=3000)
+    args = ["table1", "--configfile=config/demo.yaml"]
+    kill_at_first_checkpoint(work, args, "group")
+    assert snakemake(work, "--unlock", *args).returncode == 0
+    result = snakemake(work, *args, timeout=3000)
     assert result.returncode == 0, result.stdout[-5000:]
+    logs = "".join(p.read_text() for p in (work / "logs" / "erase" / "group").glob("*.log"))
+    assert "resuming from" in logs
     table = pd.read_csv(work / "results" / "table1.csv").set_index("method")
     assert table.loc["SD", "object/Acc_U"] >= 80
     assert table.loc["ESD-x", "object/Acc_U"] <= 20

@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -364,3 +365,33 @@ def test_a_contradiction_stops_the_dry_run_naming_the_keys(workdir):
     result = snakemake(workdir, "-n", "table1", "--configfile", "big-split.yaml")
     assert result.returncode != 0
     assert "bad config: split.n_train + split.n_test = 12 + 5 = 17" in result.stdout
+
+
+def test_a_read_only_results_folder_is_one_line_naming_it(workdir):
+    """A results/ the workflow cannot write (here a read-only mount: root writes anywhere else)
+    stops the run before any job, naming the folder, not in a Snakemake traceback."""
+    results = workdir / "results"
+    results.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(results)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only folder here: {mounted.stderr.decode()[:200]}")
+    try:
+        result = snakemake(workdir, "table1", "--configfile=config/test.yaml")
+    finally:
+        subprocess.run(["umount", str(results)], check=True)
+    assert result.returncode != 0
+    assert f"{results} is not writable: the workflow writes its outputs" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_the_slurm_profile_dry_runs_without_conda_and_a_run_says_what_it_needs(workdir):
+    if shutil.which("conda") or shutil.which("mamba"):
+        pytest.skip("conda is installed here: the profile's envs can be built")
+    (workdir / "slurm").symlink_to(REPO / "slurm")
+    plan = snakemake(workdir, "--profile", "slurm", "-n", "results/table1.csv")
+    assert plan.returncode == 0, plan.stdout[-2000:]
+    assert "conda not found: this dry run plans without the envs" in plan.stdout
+    assert planned(plan.stdout)["erase_group"] == 50
+    run = snakemake(workdir, "--profile", "slurm", "results/table1.csv")
+    assert run.returncode != 0 and "needs conda or mamba on PATH: install Miniforge" in run.stdout

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import honour_umask
+
 
 def save_delta(tensors: dict, path: str | Path, *, method: str, concept: str,
                extra: dict | None = None) -> None:  # fmt: skip
@@ -21,6 +23,7 @@ def save_delta(tensors: dict, path: str | Path, *, method: str, concept: str,
     record = {"concept": concept, "method": method, **(extra or {})}
     metadata = {"crce": json.dumps(record, sort_keys=True)}
     save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)  # safetensors writes owner-only files
 
 
 def delta_record(path: str | Path) -> dict:

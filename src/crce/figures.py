@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .manifests import read_manifest  # noqa: E402
 from .metrics import METRICS, method_order  # noqa: E402
 
 GRID_COLUMNS = (("target", 1), ("coref_test", 2), ("retain_test", 2))
@@ -19,7 +20,7 @@ GRID_COLUMNS = (("target", 1), ("coref_test", 2), ("retain_test", 2))
 
 def concept_grid(manifests: list[str], labels: dict[str, str], output: str) -> None:
     """Rows = methods; columns = target, two corefs, two retains; the same seed down a column."""
-    frames = {m: pd.read_parquet(m) for m in manifests}
+    frames = {m: read_manifest(m) for m in manifests}
     methods = {frame["method"].iloc[0]: frame for frame in frames.values()}
     order = method_order(list(methods), labels)
     first = methods[order[0]]

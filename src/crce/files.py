@@ -32,5 +32,56 @@ def damaged(path: str | Path, err: Exception, rebuild: str) -> DamagedFileError:
 
 
 def rebuild_hint(path: str | Path) -> str:
-    """How to rebuild a workflow output: delete it and rerun the same command."""
-    return f"delete {path} and rerun the same command to rebuild it"
+    """How to rebuild a workflow output and everything made from it. (Deleting it is not
+    enough: Snakemake does not remake a missing file whose products are up to date.)"""
+    return f"rerun the same command with --forcerun {path} to rebuild it and what is made from it"
+
+
+SOURCES = ".sources.json"  # beside a product: the digest of the delta it came from
+
+
+def sources_of(product: str | Path) -> Path:
+    """Where a product's record of its delta lives: beside it (a folder's: inside it)."""
+    path = Path(product)
+    if path.suffix:
+        return path.with_name(path.name.split(".")[0] + SOURCES)
+    return path / SOURCES
+
+
+def record_sources(product: str | Path, delta: str | Path | None) -> None:
+    """Beside `product`: the delta it was made from (sha256, size, mtime), or none."""
+    import json
+
+    from .digests import files_sha256
+
+    record = {"delta": None}
+    if delta:
+        stat = Path(delta).stat()
+        record = {"delta": str(delta), "sha256": files_sha256([delta]), "size": stat.st_size,
+                  "mtime_ns": stat.st_mtime_ns}  # fmt: skip
+    sources_of(product).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def recorded_delta(product: str | Path) -> dict | None:
+    import json
+
+    path = sources_of(product)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stale(product: str | Path, delta: str | Path) -> bool:
+    """`product` exists, is newer than the delta at `delta` (else Snakemake remakes it
+    itself) and records another delta (a different file restored with an old mtime): what it
+    says is not of the delta there. The stat is compared first, the sha256 only when the stat
+    differs."""
+    from .digests import files_sha256
+
+    record, delta = recorded_delta(product), Path(delta)
+    if not (Path(product).exists() and record and record.get("sha256") and delta.is_file()):
+        return False
+    stat = delta.stat()
+    if stat.st_mtime_ns > Path(product).stat().st_mtime_ns:
+        return False
+    if (stat.st_size, stat.st_mtime_ns) == (record.get("size"), record.get("mtime_ns")):
+        return False
+    return files_sha256([delta]) != record["sha256"]

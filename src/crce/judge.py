@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import math
@@ -23,16 +22,14 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from tqdm import tqdm
 
 from .constants import ANSWERS
+from .files import recorded_delta, sources_of
+from .manifests import image_sha256, read_manifest
 from .serving import TRANSIENT, call_served, openai_client, unreachable
 from .settings import JudgeRuntime, JudgeSettings
 
 log = logging.getLogger(__name__)
 
 CHOICES = list(ANSWERS)
-
-
-def image_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def judge_question(group: str, prompt: str, target: str, retain_question: str) -> str:
@@ -218,9 +215,10 @@ def judge_manifests(
     one server start; write each method's judgments to `outputs[method]`."""
     if set(manifests) != set(outputs):
         raise ValueError(f"manifests of {sorted(manifests)}, outputs for {sorted(outputs)}")
-    frames = {method: pd.read_parquet(path) for method, path in manifests.items()}
+    frames = {method: read_manifest(path) for method, path in manifests.items()}
     everything = pd.concat(frames.values(), ignore_index=True)
-    everything["image_sha256"] = [image_sha256(p) for p in everything["path"]]
+    if "image_sha256" not in everything.columns:  # a manifest of an older sampler
+        everything["image_sha256"] = [image_sha256(p) for p in everything["path"]]
     everything["question"] = [
         judge_question(g, p, t, settings.retain_question)
         for g, p, t in zip(
@@ -253,6 +251,8 @@ def judge_manifests(
     for method, output in outputs.items():
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         judged[judged["method"] == method].to_parquet(output, index=False)
+        source = recorded_delta(manifests[method])  # the judgments are of that delta's images
+        sources_of(output).write_text(json.dumps(source or {"delta": None}, indent=2) + "\n")
 
 
 def _run(coroutine) -> None:

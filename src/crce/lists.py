@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .constants import GROUPS, Category
+from .files import damaged, rebuild_hint
 
 
 class Certainty(StrEnum):
@@ -114,7 +115,8 @@ class Split(_Strict):
 def describe_errors(err: ValidationError, most: int = 5) -> str:
     """A validation error in one line: `field.path: problem; ...` (the first few)."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:most]
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+        for e in err.errors()[:most]
     )
 
 
@@ -126,12 +128,21 @@ def write_model(model: BaseModel, path: str | Path) -> None:
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
+def _read(model: type[BaseModel], path: str | Path):
+    """A file this workflow wrote; a damaged one is an error saying how to rebuild it."""
+    try:
+        return model.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except (ValidationError, OSError, UnicodeDecodeError) as err:
+        detail = describe_errors(err) if isinstance(err, ValidationError) else err
+        raise damaged(path, detail, rebuild_hint(path)) from None
+
+
 def read_lists(path: str | Path) -> ConceptLists:
-    return ConceptLists.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    return _read(ConceptLists, path)
 
 
 def read_split(path: str | Path) -> Split:
-    return Split.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    return _read(Split, path)
 
 
 def export_schemas(folder: str | Path) -> list[Path]:

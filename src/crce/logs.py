@@ -13,7 +13,11 @@ from pathlib import Path
 
 @contextmanager
 def job_log(path: str | Path | None, level: int = logging.INFO) -> Iterator[logging.Logger]:
-    """Route logging to `path`; an exception is logged with its traceback, then re-raised."""
+    """Route logging to `path`; an exception is logged with its traceback, then re-raised.
+    The job ends with the Snakemake that started it (crce.jobs.watch_parent)."""
+    from .jobs import watch_parent
+
+    watch_parent()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

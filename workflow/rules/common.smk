@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import ExecMode
 from snakemake.utils import validate
 
 # This package is imported from the checkout, here and in every job; a method in your own file
@@ -18,11 +19,26 @@ sys.path[:0] = [SRC, WORKDIR]
 from crce.concepts import SheetError, load_sheet
 from crce.constants import METRICS, TRAINER_VERSION
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
-from crce.jobs import jobs_import_from, untracked
+from crce.files import stale
+from crce.jobs import (
+    conda_missing,
+    hand_parent_to_jobs,
+    jobs_import_from,
+    untracked,
+    writable_or_error,
+)
 from crce.paper import PAPER_TABLE2
 from crce.study import SettingsError, Study
 
 jobs_import_from(SRC, WORKDIR)
+hand_parent_to_jobs()  # a job ends with this Snakemake (crce.jobs.watch_parent)
+
+for problem in (
+    writable_or_error("results"),
+    conda_missing(workflow.deployment_settings.deployment_method, sys.argv[1:]),
+):
+    if problem:
+        raise WorkflowError(problem)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -46,6 +62,35 @@ except DatasetError as err:
 
 METHODS = list(STUDY.methods)
 TRAINED_METHODS = list(STUDY.trained)
+
+
+def table1_links():
+    """(product, the delta it was drawn from) along Table 1's chain: a trained method's images,
+    and their judgments."""
+    for m in TRAINED_METHODS:
+        for c in CONCEPTS:
+            delta = f"results/models/{m}/{c}/delta.safetensors"
+            yield f"results/images/{m}/{c}/manifest.parquet", delta
+            yield f"results/judgments/{m}/{c}.parquet", delta
+
+
+# Snakemake compares mtimes and does not remake a missing file whose products are up to
+# date, so images or a table drawn from another delta than the one there now (restored with
+# an old mtime; rebuilt after a failed job left the old products) would pass for current.
+# Every product records its delta's digest (crce.files.record_sources): refuse such a product,
+# naming how to rebuild it (only in the invocation the user typed).
+STALE = [
+    (made, delta)
+    for made, delta in table1_links()
+    if made not in sys.argv and stale(made, delta)
+]
+if STALE and workflow.exec_mode == ExecMode.DEFAULT:
+    made, delta = STALE[0]
+    raise WorkflowError(
+        f"{made} was made from another {delta} than the one there now: it and what was made "
+        f"from it are not current ({len(STALE)} such file(s)). Rerun the same command with "
+        "--forcerun " + " ".join(m for m, _ in STALE)
+    )
 
 
 wildcard_constraints:
@@ -166,8 +211,13 @@ def trained_delta(wildcards):
 
 
 def sampling(wildcards):
-    """A method's per-prompt sampling hook, when it has one (untracked otherwise)."""
-    return STUDY.sampling(wildcards.method)
+    """What a method changes at sampling time, when it does (untracked otherwise)."""
+    return STUDY.sampling(wildcards.method, asdict(CONCEPTS[wildcards.concept]))
+
+
+def sampling_inputs(wildcards):
+    """The split, for a method whose sampling reads it (SLD with its corefs)."""
+    return STUDY.sampling_inputs(wildcards.method, wildcards.concept)
 
 
 def concept_manifests(wildcards):

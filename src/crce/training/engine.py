@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..constants import TRAINER_VERSION
+from ..files import damaged
 from ..modeling import encode_prompts
 from ..seeds import derive_seed
 from ..settings import TrainRuntime
@@ -207,7 +208,10 @@ class Engine:
         empty = {m: [] for m in self.names}
         if not path.exists():
             return 0, empty
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a truncated or overwritten file: pickle, zip, EOF errors
+            raise damaged(path, err, f"delete {folder} to start this training over") from None
         if state.get("fingerprint") != self._fingerprint():
             log.warning("checkpoint %s was made with other settings: starting over", path)
             return 0, empty
