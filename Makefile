@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
 WORLD ?= config/demo.yaml
 
-.PHONY: setup demo test fast demo-test lint format
+.PHONY: setup demo demo-all test fast demo-test lint format
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(SNAKEMAKE) --cores 2 table1 --configfile=$(WORLD)
 
+# The toy world with every method: the paper's and the field's baselines (config/baselines.yaml).
+demo-all: setup
+	$(SNAKEMAKE) --cores 2 table1 --configfile=$(WORLD) config/baselines.yaml
+
 lint: setup
 	$(VENV)/bin/ruff format --check src tests bench workflow/scripts
 	$(VENV)/bin/ruff check src tests bench workflow/scripts
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	$(PY) -m crce.config_schema --check
 
 format: setup
 	$(VENV)/bin/ruff format src tests bench workflow/scripts

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from crce.methods import ClosedFormMethod, IterativeMethod, IterativeSettings, MethodSettings
+from crce.methods import (
+    ClosedFormMethod,
+    IterativeMethod,
+    IterativeSettings,
+    MethodSettings,
+    Sampling,
+)
 
 
 class DenoiseSettings(IterativeSettings):
@@ -87,26 +93,31 @@ class DampedValues(ClosedFormMethod):
         return {name: dict(pipe.unet.named_parameters())[name].detach().clone()}
 
     @classmethod
-    def sampling_hook(cls, settings, delta):
+    def sampling(cls, settings, delta, concept, split=None):
         from crce.deltas import delta_record
 
-        target = delta_record(delta)["target"]
+        return DampedSampling(settings.damping, delta_record(delta)["target"])
 
-        @contextlib.contextmanager
-        def hook(pipe, prompts):
-            scale = torch.tensor([settings.damping if target in p else 1.0 for p in prompts])
 
-            def damp(module, args, output):
-                # classifier-free guidance batches [uncond; cond]: scale the cond half's rows
-                factors = torch.cat([torch.ones_like(scale), scale]).to(output)
-                return output * factors.view(-1, *[1] * (output.dim() - 1))
+class DampedSampling(Sampling):
+    """Around each batch: every attn2 value scaled by `damping` for the prompts naming
+    `target` (the cond half of classifier-free guidance's [uncond; cond] batch)."""
 
-            handles = [m.register_forward_hook(damp) for n, m in pipe.unet.named_modules()
-                       if n.endswith("attn2.to_v")]  # fmt: skip
-            try:
-                yield
-            finally:
-                for handle in handles:
-                    handle.remove()
+    def __init__(self, damping: float, target: str):
+        self.damping, self.target = damping, target
 
-        return hook
+    @contextlib.contextmanager
+    def batch(self, pipe, prompts):
+        scale = torch.tensor([self.damping if self.target in p else 1.0 for p in prompts])
+
+        def damp(module, args, output):
+            factors = torch.cat([torch.ones_like(scale), scale]).to(output)
+            return output * factors.view(-1, *[1] * (output.dim() - 1))
+
+        handles = [m.register_forward_hook(damp) for n, m in pipe.unet.named_modules()
+                   if n.endswith("attn2.to_v")]  # fmt: skip
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, workflow_rules
 from packaging.requirements import Requirement
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
@@ -32,33 +32,15 @@ PROVIDED = {"snakemake", "crce"}
 
 def rules() -> list[tuple[str, str, Path | None, Path | None, bool]]:
     """(smk file, rule, env file, script, runs code) of every rule, as Snakemake itself reads
-    the workflow: once with the paper's config and once with the test world's, so rules
-    defined under an `if` (erase_group, erase_sweep, features_model) are there too."""
-    import tempfile
-
-    from helpers import make_workdir
-    from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import ConfigSettings, ResourceSettings
-
-    found = {}
-    # Kept for the session: the workflow puts its src/ on sys.path for this process.
-    tmp = Path(tempfile.mkdtemp(prefix="crce-rules-"))
-    for overlay in ([], [Path("config/test.yaml")]):
-        work = make_workdir(tmp / f"w{len(overlay)}")
-        with SnakemakeApi() as api:
-            workflow = api.workflow(
-                resource_settings=ResourceSettings(),
-                config_settings=ConfigSettings(configfiles=overlay),
-                snakefile=work / "Snakefile",
-                workdir=work,
-            )
-            for rule in workflow._workflow.rules:
-                base = Path(rule.snakefile).resolve().parent
-                env = (base / rule.conda_env).resolve() if rule.conda_env else None
-                script = (base / rule.script).resolve() if rule.script else None
-                runs = not rule.norun  # a script, a shell command or a run block
-                found[rule.name] = (Path(rule.snakefile).name, rule.name, env, script, runs)
-    return sorted(found.values(), key=lambda r: (r[0], r[1]))
+    the workflow (helpers.workflow_rules: rules under an `if` included)."""
+    found = []
+    for rule in workflow_rules().values():
+        base = Path(rule.snakefile).resolve().parent
+        env = (base / rule.conda_env).resolve() if rule.conda_env else None
+        script = (base / rule.script).resolve() if rule.script else None
+        runs = not rule.norun  # a script, a shell command or a run block
+        found.append((Path(rule.snakefile).name, rule.name, env, script, runs))
+    return sorted(found, key=lambda r: (r[0], r[1]))
 
 
 def env_requirements(env: Path) -> list[Requirement]:

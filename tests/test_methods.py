@@ -191,10 +191,10 @@ def test_the_contract_carries_a_per_prompt_sampling_hook(tiny_model, cat_split, 
     plan = plan_images(cat_split, method="damped", seed=0, images_per_prompt=1).iloc[:8]
     names_target = plan["prompt"].str.contains("cat")
     assert names_target.any() and not names_target.all()
-    hook = DampedValues.sampling_hook(method.settings, str(delta))
-    for folder, with_hook in (("plain", None), ("hooked", hook)):
+    sampling = DampedValues.sampling(method.settings, str(delta), {"id": "cat", "text": "cat"})
+    for folder, with_hook in (("plain", None), ("hooked", sampling)):
         sample_images(pipe, plan, tmp_path / folder, steps=2, guidance=3.0, resolution=32,
-                      batch_size=8, hook=with_hook, progress=False)  # fmt: skip
+                      batch_size=8, sampling=with_hook, progress=False)  # fmt: skip
     for path, target in zip(plan["path"], names_target, strict=True):
         same = (tmp_path / "plain" / path).read_bytes() == (tmp_path / "hooked" / path).read_bytes()
         assert same != target, (path, target)
@@ -208,10 +208,11 @@ def test_a_method_with_a_hook_is_a_tracked_sampling_param_and_others_are_not():
                     "damped": {"strategy": "contract_methods:DampedValues"}},
     }  # fmt: skip
     study = Study(config)
-    assert not isinstance(study.sampling("sd"), dict) and not isinstance(
-        study.sampling("esd-x"), dict
-    )
-    damped = study.sampling("damped")
+    cat = {"id": "cat", "text": "cat", "category": "object"}
+    assert not isinstance(study.sampling("sd", cat), dict)
+    assert not isinstance(study.sampling("esd-x", cat), dict)
+    damped = study.sampling("damped", cat)
+    assert damped["concept"] == cat
     assert (
         damped["settings"]["strategy"] == "contract_methods:DampedValues"
         and damped["source_sha256"]

@@ -24,3 +24,62 @@ def ridge_edit(
     b = lamb * eye + erase.T @ weighted_erase + preserve.T @ weighted_preserve
     a = lamb * w_old + targets.T @ weighted_erase + w_old @ (preserve.T @ weighted_preserve)
     return torch.linalg.solve(b, a.T).T  # B is symmetric: W = A B^-1
+
+
+def regenerating_embedding(
+    edited: list[torch.Tensor], original: list[torch.Tensor], c0: torch.Tensor, lamb: float
+) -> torch.Tensor:
+    """RECE's derived embedding (Gong et al., ECCV 2024; the official
+    utils/embedding_calculation/close_form_emb.py, `close_form_emb_regzero`): the embedding c'
+    whose keys and values under the edited maps W'_l reproduce what the original maps W_l made
+    of the concept's embedding c0, with a ridge on c':
+
+        c' = argmin_c sum_l |W'_l c - W_l c0|^2 + lamb |c|^2
+           = (lamb I + sum_l W'_l^T W'_l)^-1 (sum_l W'_l^T W_l) c0,
+
+    row by row for c0 of shape [tokens, D]."""
+    eye = torch.eye(c0.shape[1], dtype=c0.dtype, device=c0.device)
+    gram = lamb * eye + sum(w.T @ w for w in edited)
+    cross = sum(w_new.T @ w_old for w_new, w_old in zip(edited, original, strict=True))
+    return torch.linalg.solve(gram, cross @ c0.T).T
+
+
+def null_space_projector(retain: torch.Tensor, threshold: float) -> torch.Tensor:
+    """SPEED's P (Li et al., 2025; the official train_erase_null.py): the projector onto the
+    eigenvectors of the retain embeddings' mean covariance C0 = K0 K0^T / N whose eigenvalues
+    are below `threshold` (the directions the retain set does not occupy). `retain`: [N, D]."""
+    covariance = retain.T @ retain / len(retain)
+    values, vectors = torch.linalg.eigh(covariance)
+    kept = vectors[:, values < threshold]
+    return kept @ kept.T
+
+
+def null_space_edit(
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    anchors: torch.Tensor,
+    projector: torch.Tensor,
+    invariant: torch.Tensor,
+    retain_scale: float,
+    lamb: float,
+) -> torch.Tensor:
+    """SPEED's update (its train_erase_null.py, the solution with the invariance constraint):
+    with A = mean_e c_e c_e^T, B = mean_e c*_e c_e^T over the erased embeddings c_e and their
+    anchors c*_e, P the null-space projector, K2 the invariant embeddings (columns of
+    `invariant`, [D, k]) and M = (A P + retain_scale I)^-1,
+
+        Delta = W (B - A) P [I - M K2 (K2^T P M K2 + lamb I)^-1 K2^T P] M.
+
+    Delta = Delta P (retain directions outside the null space are untouched) and, at lamb 0,
+    Delta K2 = 0 exactly. Returns Delta."""
+    dim = w.shape[1]
+    eye = torch.eye(dim, dtype=w.dtype, device=w.device)
+    a = targets.T @ targets / len(targets)
+    b = anchors.T @ targets / len(targets)
+    m = torch.linalg.inv(a @ projector + retain_scale * eye)
+    k2 = invariant
+    inner = k2.T @ projector @ m @ k2 + lamb * torch.eye(
+        k2.shape[1], dtype=w.dtype, device=w.device
+    )
+    bracket = eye - m @ k2 @ torch.linalg.solve(inner, k2.T @ projector)
+    return w @ (b - a) @ projector @ bracket @ m

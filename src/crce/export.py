@@ -14,25 +14,42 @@ from pathlib import Path
 
 import torch
 
-from .sample import load_erased_pipeline, set_scheduler
+from .files import honour_umask
+from .sample import load_erased_pipeline, method_sampling_of, set_scheduler
 from .settings import SampleSettings
 
 log = logging.getLogger(__name__)
 
 
 def export(
-    model: str, delta: str | None, settings: SampleSettings, output: str | Path, record: dict
+    model: str,
+    delta: str | None,
+    settings: SampleSettings,
+    output: str | Path,
+    record: dict,
+    sampling: dict | None = None,
 ) -> Path:
-    """Save base + delta with the sampler `settings.scheduler` to `output`."""
+    """Save base + delta with the sampler `settings.scheduler` to `output`; a method that
+    changes its pipeline at sampling time (SLD) saves that pipeline, and what its calls add is
+    recorded in crce_export.json (a pipeline folder cannot hold it)."""
     pipe = load_erased_pipeline(model, delta, dtype=torch.float32, device="cpu")
+    method_sampling = method_sampling_of(sampling, delta)
+    if method_sampling:
+        pipe = method_sampling.export_pipeline(pipe)
+        record = {**record, "call_kwargs": method_sampling.call_kwargs(),
+                  "sampling": {k: v for k, v in sampling.items() if k != "split"}}  # fmt: skip
+        if hasattr(pipe, "safety_concept"):
+            record["safety_concept"] = pipe.safety_concept
     scheduler = set_scheduler(pipe, settings.scheduler)
     output = Path(output)
     pipe.save_pretrained(output, safe_serialization=True)
+    honour_umask(output)  # a lab shares its models: the user's umask, not owner-only
     provenance = {**record, "base_model": model, "delta": delta, "scheduler": scheduler}
     (output / "crce_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     log.info("exported %s (+ %s) to %s", model, delta or "no delta", output)
     return output
 
 
-def run(*, model: str, delta: str | None, settings: dict, output: str, record: dict) -> None:
-    export(model, delta, SampleSettings(**settings), output, record)
+def run(*, model: str, delta: str | None, settings: dict, output: str, record: dict,
+        sampling: dict | None = None) -> None:  # fmt: skip
+    export(model, delta, SampleSettings(**settings), output, record, sampling)

@@ -14,15 +14,35 @@ def _is_attn2(name: str) -> bool:
     return ".attn2." in name
 
 
-# Trained parameter sets, by the names of the official codes (README: "paper vs official code").
+# Trained parameter sets by parameter name, as the official codes name them (README: "paper
+# vs official code"). `noxattn-compvis` is the original ESD code's ESD-u
+# (train-scripts/train-esd.py: every parameter but attn2, `out.` and `time_embed`, norms
+# included); `noxattn` (ESD-u of the ESD code's diffusers version) selects by module below.
 PARAM_SETS = {
     "xattn-kv": lambda n: _is_attn2(n) and (".to_k." in n or ".to_v." in n),
     "xattn-qk": lambda n: _is_attn2(n) and (".to_q." in n or ".to_k." in n),
     "xattn": lambda n: _is_attn2(n),
-    "noxattn": lambda n: (
+    "noxattn-compvis": lambda n: (
         not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
     ),
 }
+# The ESD code's diffusers version (rohitgandikota/erasing at 25613d2, esd_sd.py,
+# get_esd_trainable_parameters): modules of these classes whose name has no `attn2`, every
+# parameter of each (weights and biases; no norm).
+ESD_LAYER_CLASSES = ("Linear", "Conv2d", "LoRACompatibleLinear", "LoRACompatibleConv")
+
+
+def select_parameters(unet, param_set: str) -> list[str]:
+    """The UNet parameter names a parameter set trains."""
+    if param_set == "noxattn":
+        return [
+            f"{module_name}.{name}"
+            for module_name, module in unet.named_modules()
+            if type(module).__name__ in ESD_LAYER_CLASSES and "attn2" not in module_name
+            for name, _ in module.named_parameters()
+        ]
+    select = PARAM_SETS[param_set]
+    return [name for name, _ in unet.named_parameters() if select(name)]
 
 
 class ModelLoadError(RuntimeError):

@@ -8,7 +8,6 @@ a retried job keeps them and samples only the missing ones. A folder whose setti
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +22,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .digests import files_sha256
+from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
+from .manifests import image_sha256
 from .modeling import device_for, load_pipeline, torch_dtype
 from .seeds import derive_seed
 from .settings import RobustnessSettings, SampleRuntime, SampleSettings
@@ -101,10 +102,26 @@ def load_erased_pipeline(pretrained: str, delta: str | None, *, dtype, device):
 
     pipe = load_pipeline(pretrained, dtype=dtype, device=device)
     if delta:
-        result = pipe.unet.load_state_dict(load_file(delta), strict=False)
+        try:
+            tensors = load_file(delta)
+        except Exception as err:  # safetensors raises SafetensorError, OSError, ...
+            raise damaged(delta, err, rebuild_hint(delta)) from None
+        result = pipe.unet.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{delta}: tensors not in the UNet: {result.unexpected_keys[:5]}")
     return pipe
+
+
+def method_sampling_of(sampling: dict | None, delta: str | None):
+    """A method's crce.methods.Sampling from its sampling params (None: none)."""
+    if not sampling:
+        return None
+    from . import methods as registry
+    from .lists import read_split
+
+    cls, settings = registry.parse(sampling["settings"])
+    split = read_split(sampling["split"]) if sampling.get("split") else None
+    return cls.sampling(settings, delta, sampling["concept"], split)
 
 
 def sample_images(
@@ -116,11 +133,14 @@ def sample_images(
     guidance: float,
     resolution: int,
     batch_size: int,
-    hook=None,
+    sampling=None,
     progress: bool = True,
 ) -> dict:
-    """Sample the images of `plan` that `folder` lacks; `hook(pipe, prompts)` (a method's
-    per-prompt change, crce.methods.base.SamplingHook) wraps every batch."""
+    """Sample the images of `plan` that `folder` lacks; `sampling` (a method's
+    crce.methods.Sampling) adds its call arguments and wraps every batch."""
+    from .methods import Sampling
+
+    sampling = sampling or Sampling()
     todo = plan[[not (folder / p).exists() for p in plan["path"]]]
     log.info("%d of %d images to sample (%d kept)", len(todo), len(plan), len(plan) - len(todo))
     started = time.perf_counter()
@@ -130,7 +150,7 @@ def sample_images(
         # CPU generators: the same initial noise on any device.
         generators = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
         prompts = list(batch["prompt"])
-        with hook(pipe, prompts) if hook else contextlib.nullcontext():
+        with sampling.batch(pipe, prompts):
             images = pipe(
                 prompt=prompts,
                 num_inference_steps=steps,
@@ -139,6 +159,7 @@ def sample_images(
                 width=resolution,
                 generator=generators,
                 output_type="np",
+                **sampling.call_kwargs(),
             ).images
         for array, relative in zip(images, batch["path"], strict=True):
             _save_png(array, folder / relative)
@@ -157,8 +178,8 @@ def draw(
     sampling: dict | None = None,
 ) -> pd.DataFrame:
     """Sample every image of `plan` beside `manifest` (resumable; a folder made with other
-    settings is cleared first), then write the manifest with absolute paths. `sampling`: a
-    method's per-prompt hook (crce.study.Study.sampling), applied to every batch."""
+    settings is cleared first), then write the manifest with absolute paths. `sampling`: what a
+    method changes at sampling time (crce.study.Study.sampling's params)."""
     folder = Path(manifest).parent
     fingerprint = {
         "model": model,
@@ -168,16 +189,13 @@ def draw(
             plan[["prompt", "seed", "path"]].to_json().encode()
         ).hexdigest(),
     }
-    hook = None
-    if sampling:
-        from . import methods as registry
-
-        cls, method_settings = registry.parse(sampling["settings"])
-        hook = cls.sampling_hook(method_settings, delta)
-        fingerprint["sampling"] = sampling
     device = device_for(runtime.device)
     dtype = torch_dtype(settings.precision) if device.type == "cuda" else torch.float32
     pipe = load_erased_pipeline(model, delta, dtype=dtype, device=device)
+    method_sampling = method_sampling_of(sampling, delta)
+    if method_sampling:
+        pipe = method_sampling.pipeline(pipe)
+        fingerprint["sampling"] = sampling
     fingerprint["scheduler"] = set_scheduler(pipe, settings.scheduler)
     _prepare_folder(folder, fingerprint)
     stats = sample_images(
@@ -188,10 +206,12 @@ def draw(
         guidance=settings.guidance,
         resolution=settings.resolution,
         batch_size=runtime.batch_size,
-        hook=hook,
+        sampling=method_sampling,
     )
-    plan = plan.assign(path=[str(folder / p) for p in plan["path"]])
+    paths = [str(folder / p) for p in plan["path"]]
+    plan = plan.assign(path=paths, image_sha256=[image_sha256(p) for p in paths])
     plan.to_parquet(manifest, index=False)
+    record_sources(manifest, delta)  # which delta these images are of (common.smk checks)
     if stats["sampled"]:
         log.info(
             "%d images in %.1f s (%.2f images/s)",

@@ -66,8 +66,12 @@ class ResolvedMethod:
 
     @property
     def trains(self) -> bool:
-        """It has an erase job (every kind but the base model)."""
-        return self.kind is not Kind.NONE
+        """It has an erase job (every kind but the base model and inference-time methods)."""
+        return self.kind not in (Kind.NONE, Kind.INFERENCE)
+
+    @property
+    def changes_sampling(self) -> bool:
+        return self.cls.sampling.__func__ is not Method.sampling.__func__
 
     @property
     def iterative(self) -> bool:
@@ -237,16 +241,25 @@ class Study:
         digests = {m: d for m, d in digests.items() if d}
         return digests or SimpleNamespace()
 
-    def sampling(self, method: str):
-        """What the sampler needs to apply a method's per-prompt hook (its strategy and
-        settings, and its source digest), a tracked param; untracked for a method that samples
-        like the base model with its delta."""
+    def sampling(self, method: str, concept: dict):
+        """What the sampler needs to apply a method's change at sampling time (its settings,
+        source digest, the concept, its split when it reads it), a tracked param; untracked (a
+        namespace) for a method that samples like the base model with its delta."""
         resolved = self.methods.get(method) or self.all_trained.get(method)
-        if resolved is None or (
-            resolved.cls.sampling_hook.__func__ is Method.sampling_hook.__func__
-        ):
+        if resolved is None or not resolved.changes_sampling:
             return SimpleNamespace()
-        return {"settings": resolved.params(), "source_sha256": resolved.source_sha256()}
+        params = {"settings": resolved.params(), "source_sha256": resolved.source_sha256(),
+                  "concept": concept}  # fmt: skip
+        if resolved.cls.sampling_reads_split(resolved.settings):
+            params["split"] = f"results/splits/{concept['id']}.json"
+        return params
+
+    def sampling_inputs(self, method: str, concept_id: str) -> list[str]:
+        """The split, for a method whose sampling reads it (its sample jobs wait for it)."""
+        resolved = self.methods.get(method) or self.all_trained.get(method)
+        if resolved is None or not resolved.cls.sampling_reads_split(resolved.settings):
+            return []
+        return [f"results/splits/{concept_id}.json"]
 
     def resources(self, method: str) -> dict:
         from .methods import KIND_RESOURCES

@@ -39,6 +39,7 @@ rule sample_neutral:
         prompts="results/quality/prompts.csv",
         delta=trained_delta,
         model=base_model,
+        extra=sampling_inputs,
     output:
         "results/quality/images/{method}/{concept}/manifest.parquet",
     log:
@@ -137,6 +138,7 @@ rule sample_robust:
         prompts="results/robustness/prompts/{concept}.json",
         delta=trained_delta,
         model=base_model,
+        extra=sampling_inputs,
     output:
         "results/robustness/images/{method}/{concept}/manifest.parquet",
     log:

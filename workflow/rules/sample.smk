@@ -6,6 +6,8 @@ rule sample:
         split="results/splits/{concept}.json",
         delta=trained_delta,
         model=base_model,
+        # The split, for a method whose sampling reads it (SLD with its corefs).
+        extra=sampling_inputs,
     output:
         "results/images/{method}/{concept}/manifest.parquet",
     log:
@@ -33,6 +35,7 @@ rule export:
     input:
         delta=trained_delta,
         model=base_model,
+        extra=sampling_inputs,
     output:
         directory("results/export/{method}/{concept}"),
     log:
@@ -42,5 +45,6 @@ rule export:
     params:
         model=STUDY.model,
         settings=STUDY.sample.as_params(),
+        sampling=sampling,
     script:
         "../scripts/export.py"

@@ -9,4 +9,5 @@ with job_log(snakemake.log[0]):
         settings=p.settings,
         output=snakemake.output[0],
         record={"method": snakemake.wildcards.method, "concept": snakemake.wildcards.concept},
+        sampling=p.sampling if isinstance(p.sampling, dict) else None,
     )

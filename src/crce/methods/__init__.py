@@ -22,6 +22,7 @@ from .base import (
     Method,
     MethodSettings,
     ReferenceRequest,
+    Sampling,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "MethodError",
     "MethodSettings",
     "ReferenceRequest",
+    "Sampling",
     "is_path",
     "load",
     "parse",
@@ -50,6 +52,9 @@ BUILTIN = {
     "realera": "crce.methods.realera:RealEra",
     "uce": "crce.methods.uce:Uce",
     "external": "crce.methods.external:External",
+    "sld": "crce.methods.sld:Sld",
+    "rece": "crce.methods.rece:Rece",
+    "speed": "crce.methods.speed:Speed",
 }
 
 

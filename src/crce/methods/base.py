@@ -14,8 +14,9 @@ in your own file). It declares, in one place:
   (read from elsewhere): the kind decides the job's resources;
 - what it computes: `plan()` or an `Objective` for an iterative method (crce.training), or
   `solve()` for a closed-form one; `erase()` for a method in stages;
-- optional hooks: `references()` (image sets it trains on), `sampling_hook()` (a per-prompt
-  change at sampling time), `families` (the base-model families it supports).
+- optional hooks: `references()` (image sets it trains on), `sampling()` (what it changes at
+  sampling time: the pipeline, its call, or each batch per prompt), `families` (the
+  base-model families it supports).
 
 This module imports no torch (the Snakefile reads the registry at parse time); methods import
 it inside what they compute.
@@ -23,10 +24,10 @@ it inside what they compute.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import contextlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,7 @@ class Kind(StrEnum):
     ITERATIVE = "iterative"  # the engine trains it (crce.training)
     CLOSED_FORM = "closed_form"  # one solve
     EXTERNAL = "external"  # weights made elsewhere
+    INFERENCE = "inference"  # changes sampling only (SLD): no erase job
 
 
 # What each kind's erase job asks of a cluster (the rules' resources): a GPU and an hour per
@@ -59,7 +61,7 @@ class MethodSettings(BaseModel):
         return self.model_dump(mode="json")
 
 
-ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn"]
+ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn", "noxattn-compvis"]
 
 
 class IterativeSettings(MethodSettings):
@@ -69,7 +71,9 @@ class IterativeSettings(MethodSettings):
         "xattn-kv",
         description="trained UNet tensors: `xattn-kv` (paper: attn2 to_k/to_v), `xattn-qk` "
         "(official CRCE code), `xattn` (every attn2 Linear, the ESD code's ESD-x), `noxattn` "
-        "(everything but attn2, ESD-u)",
+        "(ESD-u as the ESD code's diffusers esd_sd.py selects it: every Linear and Conv2d "
+        "outside attn2, norms not), `noxattn-compvis` (the original ESD code's ESD-u: every "
+        "parameter outside attn2 but time_embedding and conv_out, norms included)",
     )
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper 1e-5; CRCE code 2e-5)")
     iterations: int = Field(500, ge=1, description="optimiser steps per concept")
@@ -93,11 +97,26 @@ class ReferenceRequest:
     extra: dict = field(default_factory=dict)
 
 
-class SamplingHook(Protocol):
-    """A per-prompt change at sampling time (SPM scales its adapter by a prompt's match):
-    called around every batch of the sampler with the batch's prompts, in order."""
+class Sampling:
+    """What a method changes at sampling time beyond its delta, for every target that samples
+    (Table 1, quality, robustness): each part defaults to no change."""
 
-    def __call__(self, pipe, prompts: list[str]) -> AbstractContextManager: ...
+    def pipeline(self, pipe):
+        """The pipeline to sample with, built on `pipe`'s modules (SLD's safe pipeline)."""
+        return pipe
+
+    def export_pipeline(self, pipe):
+        """The pipeline an export saves (by default the one it samples with)."""
+        return self.pipeline(pipe)
+
+    def call_kwargs(self) -> dict:
+        """Extra arguments of every pipeline call (SLD's preset)."""
+        return {}
+
+    @contextlib.contextmanager
+    def batch(self, pipe, prompts: list[str]):
+        """Around each batch, with its prompts in order (SPM scales its adapter per prompt)."""
+        yield
 
 
 class Method:
@@ -141,9 +160,16 @@ class Method:
         return []
 
     @classmethod
-    def sampling_hook(cls, settings: MethodSettings, delta: str | None) -> SamplingHook | None:
-        """A per-prompt change the sampler applies for this method (none by default)."""
+    def sampling(cls, settings: MethodSettings, delta: str | None, concept: dict,
+                 split=None) -> Sampling | None:  # fmt: skip
+        """What the sampler changes for this method, given its delta (if it has one), the
+        concept (id, text, category) and, when `sampling_reads_split`, its split; None: it
+        samples like the base model with its delta."""
         return None
+
+    @classmethod
+    def sampling_reads_split(cls, settings: MethodSettings) -> bool:
+        return False
 
     def delta_metadata(self) -> dict:
         """What its sampling hook needs from the erase job, stored in the delta's metadata
@@ -187,10 +213,9 @@ class IterativeMethod(Method):
     optimizer: ClassVar[str] = "Adam"
 
     def trainable(self, unet) -> list[str]:
-        from ..modeling import PARAM_SETS
+        from ..modeling import select_parameters
 
-        select = PARAM_SETS[self.settings.params]
-        return [name for name, _ in unet.named_parameters() if select(name)]
+        return select_parameters(unet, self.settings.params)
 
     def texts(self) -> list[str]:
         return []
