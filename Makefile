@@ -21,7 +21,7 @@ demo: setup
 
 # The toy world with every method: the paper's and the field's baselines (config/baselines.yaml).
 demo-all: setup
-	$(SNAKEMAKE) --cores 2 table1 --configfile=$(WORLD) config/baselines.yaml
+	$(SNAKEMAKE) --cores 2 table1 --configfile $(WORLD) config/baselines.yaml
 
 lint: setup
 	$(VENV)/bin/ruff format --check src tests bench workflow/scripts
