@@ -62,6 +62,15 @@ def record_sources(product: str | Path, delta: str | Path | None) -> None:
     sources_of(product).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def inherit_sources(product: str | Path, made_from: str | Path) -> None:
+    """Beside `product`: the delta record of `made_from` (judgments are of their images')."""
+    record = recorded_delta(made_from)
+    if record is None:
+        record_sources(product, None)
+    else:
+        sources_of(product).write_text(sources_of(made_from).read_text())
+
+
 def recorded_delta(product: str | Path) -> dict | None:
     import json
 

@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from tqdm import tqdm
 
 from .constants import ANSWERS
-from .files import recorded_delta, sources_of
+from .files import inherit_sources
 from .manifests import image_sha256, read_manifest
 from .serving import TRANSIENT, call_served, openai_client, unreachable
 from .settings import JudgeRuntime, JudgeSettings
@@ -251,8 +251,7 @@ def judge_manifests(
     for method, output in outputs.items():
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         judged[judged["method"] == method].to_parquet(output, index=False)
-        source = recorded_delta(manifests[method])  # the judgments are of that delta's images
-        sources_of(output).write_text(json.dumps(source or {"delta": None}, indent=2) + "\n")
+        inherit_sources(output, manifests[method])  # the judgments are of that delta's images
 
 
 def _run(coroutine) -> None:
