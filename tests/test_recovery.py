@@ -73,7 +73,7 @@ def test_after_a_sigkill_the_same_command_recovers(test_world, tmp_path):
     world = test_world.copy(tmp_path / "world")
     overlay = {
         "methods": {"crce": {"lr": 3e-3, "iterations": 40}},
-        "train": {"checkpoint_every": 2},
+        "train": {"checkpoint_every": 2, "max_iterations": 40},
     }
     delta = "results/models/crce/cat/delta.safetensors"  # one job: the kill is what is tested
     args = [delta, *world.args(**overlay)]

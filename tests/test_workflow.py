@@ -222,6 +222,11 @@ def test_full_paper_dag_dry_run(workdir, tmp_path):
     overlay.write_text("train:\n  group_methods: false\n")
     solo = snakemake(workdir, "-n", "results/table1.csv", "--configfile", str(overlay))
     assert planned(solo.stdout)["erase"] == 350 and "erase_group" not in planned(solo.stdout)
+    overlay.write_text("methods:\n  realera: null\n  uce-cr: null\n")  # an overlay drops two
+    fewer = planned(
+        snakemake(workdir, "-n", "results/table1.csv", "--configfile", str(overlay)).stdout
+    )
+    assert (fewer["erase_group"], fewer["erase"], fewer["sample"]) == (50, 50, 300)
 
 
 # Which settings are a rule's params (a change reruns what it affects) and which travel
@@ -243,7 +248,7 @@ RUNTIME_KEYS = {
     "llm.base_url", "llm.api_key_env", "llm.serve", "llm.startup_timeout", "llm.timeout",
     "llm.max_attempts", "llm.max_retries", "llm.retry_wait_max",
     "train.compile", "train.gradient_checkpointing", "train.checkpoint_every", "train.device",
-    "train.group_methods",
+    "train.group_methods", "train.max_iterations",
     "sample.batch_size", "sample.device",
     "judge.serve", "judge.base_url", "judge.api_key_env", "judge.startup_timeout",
     "judge.concurrency", "judge.timeout", "judge.max_retries",

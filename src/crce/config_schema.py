@@ -185,7 +185,8 @@ def methods_schema(section_properties: dict[str, dict]) -> dict:
     return {
         "type": "object",
         "minProperties": 1,
-        "description": "name -> one method's settings (its strategy and any of its keys)",
+        "description": "name -> one method's settings (its strategy and any of its keys); "
+        "null leaves the method out (an overlay's way to drop one)",
         "propertyNames": {"pattern": ID_PATTERN},
         "additionalProperties": entry,
     }
@@ -287,7 +288,8 @@ def key_tables() -> str:
         "own file) and an optional `label` (its Table 1 row; the paper's labels are placed in "
         "the paper's order). Its other keys are its class's settings: a key of its section "
         "(`train`, `uce`) overrides that section's value for this method alone; the others "
-        "only its entry sets.",
+        "only its entry sets. An entry set to `null` (`methods: {realera: null}`, in an overlay) "
+        "leaves that method out of the study.",
     ]
     for name, cls in builtin_methods().items():
         section = f"`{cls.section}`" if cls.section else "none"

@@ -138,6 +138,13 @@ class TrainRuntime(_Settings):
         "`results/.checkpoints` (not an output)",
     )
     device: str = Field("auto", description="`auto` (cuda when present), `cuda` or `cpu`")
+    max_iterations: int | None = Field(
+        None,
+        ge=1,
+        description="an upper bound on every trained method's iterations, its own defaults "
+        "included (SPM's official 3,000): how the small worlds scale every method. Not a param "
+        "itself: a method whose iterations it changes reruns through its own",
+    )
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -87,6 +87,15 @@ class ResolvedMethod:
         return registry.source_sha256(self.settings.strategy)
 
 
+def drop_left_out_methods(config: dict) -> list[str]:
+    """Remove the method entries set to null and name them: Snakemake merges an overlay key by
+    key, so `methods: {realera: null}` is how an overlay leaves a method out of the study."""
+    left_out = [name for name, spec in config.get("methods", {}).items() if spec is None]
+    for name in left_out:
+        del config["methods"][name]
+    return left_out
+
+
 def resolve_method(name: str, spec: dict, sections: dict) -> ResolvedMethod:
     """A method's settings: the keys its class reads from its config section, overridden by
     its own entry's keys (a nested dict, e.g. `sphere`, merges key by key)."""
@@ -116,6 +125,9 @@ def resolve_method(name: str, spec: dict, sections: dict) -> ResolvedMethod:
         settings = cls.Settings(**merged)
     except ValidationError as err:
         raise SettingsError(f"{where}: {_errors(err)}") from None
+    bound = (sections.get("train") or {}).get("max_iterations")
+    if bound and getattr(settings, "iterations", 0) > bound:  # train.max_iterations
+        settings = settings.model_copy(update={"iterations": bound})
     return ResolvedMethod(name, spec.get("label", name), cls, settings)
 
 

@@ -28,7 +28,7 @@ from crce.jobs import (
     writable_or_error,
 )
 from crce.paper import PAPER_TABLE2
-from crce.study import SettingsError, Study
+from crce.study import SettingsError, Study, drop_left_out_methods
 
 jobs_import_from(SRC, WORKDIR)
 hand_parent_to_jobs()  # a job ends with this Snakemake (crce.jobs.watch_parent)
@@ -40,6 +40,7 @@ for problem in (
     if problem:
         raise WorkflowError(problem)
 
+drop_left_out_methods(config)  # `methods: {name: null}` in an overlay leaves it out
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
