@@ -1,5 +1,7 @@
 """ESD-u, SLD, RECE and SPEED against independent references that import nothing of them."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -207,7 +209,8 @@ def test_an_sld_preset_that_does_not_exist_is_a_schema_error_naming_it():
 @pytest.mark.slow
 def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_path):
     """config/baselines.yaml on the finished test world: only the new methods' jobs run (SLD
-    has no erase job), each has its Table 1 row, and SLD exports its safe pipeline."""
+    has no erase job), each has its Table 1 row (SPM's sampled with its transport), SLD
+    exports its safe pipeline and SPM's export says it holds no transport."""
     import pandas as pd
     import yaml
     from helpers import REPO, snakemake
@@ -215,13 +218,12 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     world = test_world.copy(tmp_path / "world")
     baselines = yaml.safe_load((REPO / "config" / "baselines.yaml").read_text())["methods"]
     plan = world.plan("table1", methods=baselines)
-    assert plan["erase"] == 3 * 4 and plan["sample"] == 4 * 4  # SLD samples, trains nothing
-    result = snakemake(
-        world.work, "table1", "results/export/sld/cat", *world.args(methods=baselines)
-    )
+    assert plan["erase"] == 4 * 4 and plan["sample"] == 5 * 4  # SLD samples, trains nothing
+    exports = ["results/export/sld/cat", "results/export/spm/cat"]
+    result = snakemake(world.work, "table1", *exports, *world.args(methods=baselines))
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv").set_index("method")
-    for label in ("ESD-u", "SLD", "RECE", "SPEED"):
+    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM"):
         assert table.loc[label].between(0, 100).all(), label
     assert not (world.work / "results" / "models" / "sld").exists()
     from diffusers import DiffusionPipeline
@@ -230,3 +232,9 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     assert type(exported).__name__ == "StableDiffusionPipelineSafe"
     record = yaml.safe_load((world.work / "results/export/sld/cat/crce_export.json").read_text())
     assert record["safety_concept"] == "cat" and record["call_kwargs"]["sld_guidance_scale"] == 1000
+    spm = world.work / "results" / "export" / "spm" / "cat"
+    assert (spm / "CAVEAT.txt").read_text().startswith("no transport")
+    sampled = json.loads((world.work / "results/images/spm/cat/sampling.json").read_text())
+    assert sampled["sampling"]["settings"]["transport"] == "clipcos_tokenuni"
+    train = json.loads((world.work / "results/models/spm/cat/train.json").read_text())
+    assert train["iterations"] == 4  # train.max_iterations bounds SPM's official 3,000

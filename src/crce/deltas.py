@@ -2,6 +2,9 @@
 by the sampler, the export and anyone with an SD pipeline:
 
     pipe.unet.load_state_dict(safetensors.torch.load_file(path), strict=False)
+
+Tensors named under `adapter.` (ADAPTER_PREFIX) are not UNet weights: what a method's
+sampling hook reads (SPM's adapter factors and transport scorer); the loaders skip them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import json
 from pathlib import Path
 
 from .files import honour_umask
+
+ADAPTER_PREFIX = "adapter."
 
 
 def save_delta(tensors: dict, path: str | Path, *, method: str, concept: str,

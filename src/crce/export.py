@@ -40,9 +40,14 @@ def export(
                   "sampling": {k: v for k, v in sampling.items() if k != "split"}}  # fmt: skip
         if hasattr(pipe, "safety_concept"):
             record["safety_concept"] = pipe.safety_concept
+    caveat = method_sampling.export_caveat() if method_sampling else None
+    if caveat:
+        record = {**record, "caveat": caveat}
     scheduler = set_scheduler(pipe, settings.scheduler)
     output = Path(output)
     pipe.save_pretrained(output, safe_serialization=True)
+    if caveat:  # in the folder itself, where a user of the pipeline looks
+        (output / "CAVEAT.txt").write_text(caveat + "\n")
     honour_umask(output)  # a lab shares its models: the user's umask, not owner-only
     provenance = {**record, "base_model": model, "delta": delta, "scheduler": scheduler}
     (output / "crce_export.json").write_text(json.dumps(provenance, indent=2) + "\n")

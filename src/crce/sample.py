@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .deltas import ADAPTER_PREFIX
 from .digests import files_sha256
 from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
@@ -106,6 +107,7 @@ def load_erased_pipeline(pretrained: str, delta: str | None, *, dtype, device):
             tensors = load_file(delta)
         except Exception as err:  # safetensors raises SafetensorError, OSError, ...
             raise damaged(delta, err, rebuild_hint(delta)) from None
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(ADAPTER_PREFIX)}
         result = pipe.unet.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{delta}: tensors not in the UNet: {result.unexpected_keys[:5]}")

@@ -55,6 +55,7 @@ BUILTIN = {
     "sld": "crce.methods.sld:Sld",
     "rece": "crce.methods.rece:Rece",
     "speed": "crce.methods.speed:Speed",
+    "spm": "crce.methods.spm:Spm",
 }
 
 

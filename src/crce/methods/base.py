@@ -113,6 +113,11 @@ class Sampling:
         """Extra arguments of every pipeline call (SLD's preset)."""
         return {}
 
+    def export_caveat(self) -> str | None:
+        """What an export of the model lacks of how the pipeline samples it (SPM: its
+        per-prompt transport), written beside the exported pipeline; None: nothing."""
+        return None
+
     @contextlib.contextmanager
     def batch(self, pipe, prompts: list[str]):
         """Around each batch, with its prompts in order (SPM scales its adapter per prompt)."""
@@ -204,6 +209,7 @@ class IterativeMethod(Method):
     - `extra_parameters(engine)`: tensors it adds and trains beyond the UNet's (new token
       embeddings), checkpointed with the rest, not in the delta;
     - `optimizer` / `optimizer_kwargs()`: the optimiser class and its arguments (Adam at lr);
+      `lr_factor(iteration)`: a learning-rate schedule (constant by default);
     - `delta(tensors)`: what of the trained tensors the delta keeps (all by default).
     """
 
@@ -229,6 +235,10 @@ class IterativeMethod(Method):
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return {"lr": self.settings.lr}
+
+    def lr_factor(self, iteration: int) -> float:
+        """The learning rate at `iteration` as a share of `lr` (a schedule; constant here)."""
+        return 1.0
 
     def delta(self, tensors: dict) -> dict:
         return tensors

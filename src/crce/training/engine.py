@@ -85,8 +85,6 @@ class Engine:
 
         self.unet.requires_grad_(False)
         names = first.trainable(self.unet)
-        if not names:
-            raise TrainingError(f"{self.names[0]}: its trainable set selects no UNet tensor")
         if any(m.trainable(self.unet) != names for m in methods.values()):
             raise TrainingError(f"methods {', '.join(self.names)} train different tensors")
         if len(methods) == 1:
@@ -109,6 +107,8 @@ class Engine:
         for method in methods.values():
             method.prepare(self)
         self.extra = {m: dict(method.extra_parameters(self)) for m, method in methods.items()}
+        if not names and not any(self.extra.values()):  # an adapter trains its own tensors
+            raise TrainingError(f"{self.names[0]}: its trainable set selects no UNet tensor")
         optimizer = getattr(torch.optim, first.optimizer)
         self.optimizer = optimizer(
             [
@@ -160,6 +160,8 @@ class Engine:
     def step(self, iteration: int) -> dict[str, float]:
         """One optimiser step for every method; each method's loss reaches only its tensors."""
         self.optimizer.zero_grad(set_to_none=True)
+        for group, method in zip(self.optimizer.param_groups, self.methods.values(), strict=True):
+            group["lr"] = method.optimizer_kwargs()["lr"] * method.lr_factor(iteration)
         losses = self.losses(iteration)
         for method, loss in losses.items():
             if not torch.isfinite(loss):
