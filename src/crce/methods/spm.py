@@ -15,6 +15,7 @@ scorer under `adapter.` (crce.deltas.ADAPTER_PREFIX), which the sampler's per-pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from typing import Literal
@@ -229,12 +230,18 @@ class Adapter:
 
 def cosine_with_restarts(step: int, warmup: int, total: int, cycles: int) -> float:
     """diffusers' cosine_with_restarts factor (the official lr_scheduler)."""
+    return _schedule(warmup, total, cycles)(step)
+
+
+@functools.cache
+def _schedule(warmup: int, total: int, cycles: int):
+    """The schedule's step -> factor function, built once per (warm-up, total, cycles)."""
     import torch
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, warmup, total, cycles)
-    return schedule.lr_lambdas[0](step)
+    return schedule.lr_lambdas[0]
 
 
 # -- the objective (train_spm.py, train_util.py, sampling.py) ---------------------------------
