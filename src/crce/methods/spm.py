@@ -108,9 +108,7 @@ class Spm(IterativeMethod):
             PREFIX + k: v.detach().float().cpu() for k, v in self.adapter.state_dict().items()
         }
         pipe = self.engine.pipe
-        from ..modeling import encode_prompts
-
-        embedding = encode_prompts(pipe, [self.target]).float().cpu()
+        embedding = self.engine.prompts.target.detach().float().cpu()  # encoded once, by the engine
         tokens = torch.tensor(content_tokens(pipe.tokenizer, self.target), dtype=torch.int64)
         return {**merged, **factors, SCORER_EMBEDDING: embedding, SCORER_TOKENS: tokens}
 
@@ -364,10 +362,11 @@ class Transport(Sampling):
     is corrected by (m' - 1) times the adapter, m' = m or m^2 (`transport_power`)."""
 
     def __init__(self, settings, delta: str):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         self.settings, self.delta = settings, delta
-        self.tensors = load_file(delta)
+        with safe_open(delta, "pt") as handle:  # the sampler loaded the merged weights already
+            self.tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(PREFIX)}
         missing = [k for k in (SCORER_EMBEDDING, SCORER_TOKENS) if k not in self.tensors]
         if missing:
             raise ValueError(
