@@ -127,6 +127,16 @@ class FinishedWorld:
         shutil.copytree(self.work, folder, symlinks=True)
         return FinishedWorld(folder, folder / self.sheet.name)
 
+    def subset(self, *concepts: str) -> Path:
+        """A sheet of only these concepts (display text): a test that adds jobs per concept
+        runs them on what its assertions read (each job costs seconds of imports on 2 cores)."""
+        header, *rows = self.sheet.read_text().splitlines()
+        kept = [row for row in rows if row.split("\t")[0] in concepts]
+        assert len(kept) == len(concepts), f"not all of {concepts} are in {self.sheet}"
+        sheet = self.work / f"subset-{'-'.join(sorted(concepts))}.tsv".replace(" ", "_")
+        sheet.write_text("\n".join([header, *kept]) + "\n")
+        return sheet
+
     def plan(self, target: str = "all", sheet: Path | None = None, **overlay) -> dict[str, int]:
         """Jobs per rule a dry run plans (empty when there is nothing to be done)."""
         result = snakemake(self.work, "-n", target, *self.args(sheet, **overlay))

@@ -121,7 +121,8 @@ def test_your_own_method_runs_to_a_table1_row_and_reruns_alone_when_edited(test_
     world = test_world.copy(tmp_path / "world")
     source = own_module(world.work)
     mine = {"strategy": "my_lab.methods:Forget", "label": "Forget", "strength": 0.75}
-    args = world.args(methods={"forget": mine})
+    cat = world.subset("cat")  # its jobs on the one concept the assertions read
+    args = world.args(sheet=cat, methods={"forget": mine})
     result = snakemake(world.work, "table1", *args)
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv")
@@ -137,10 +138,10 @@ def test_your_own_method_runs_to_a_table1_row_and_reruns_alone_when_edited(test_
         assert torch.allclose(tensor @ c, 0.25 * before, atol=1e-5), name
     record = json.loads((world.work / "results/models/forget/cat/train.json").read_text())
     assert record["settings"] == {"strategy": "my_lab.methods:Forget", "strength": 0.75}
-    assert world.plan("table1", methods={"forget": mine}) == {}
+    assert world.plan("table1", sheet=cat, methods={"forget": mine}) == {}
     source.write_text(source.read_text() + "\n# an edit\n")
-    plan = world.plan("table1", methods={"forget": mine})
-    assert plan["erase"] == 4 and plan["sample"] == 4  # its own jobs, no other method's
+    plan = world.plan("table1", sheet=cat, methods={"forget": mine})
+    assert plan["erase"] == 1 and plan["sample"] == 1  # its own jobs, no other method's
     assert "coref_lists" not in plan and "split" not in plan
 
 

@@ -162,9 +162,9 @@ def test_settings_that_change_no_result_rerun_nothing(test_world):
 
 
 def test_a_released_checkpoint_takes_maces_row(test_world, tmp_path):
-    """An external method from checkpoints in the official CRCE .pt layout, made here: no
-    training; a concept without one fails alone, naming itself and the path; MACE takes its
-    paper row position and is set beside the paper's MACE row."""
+    """An external method from checkpoints in the official CRCE .pt layout, made here, on two
+    concepts: no training; a concept without one fails alone, naming itself and the path; MACE
+    takes its paper row position and is set beside the paper's MACE row."""
     import torch
 
     from crce.modeling import load_pipeline
@@ -178,10 +178,9 @@ def test_a_released_checkpoint_takes_maces_row(test_world, tmp_path):
         for name, module in unet.named_modules()
         if ".attn2." in f".{name}" and name.endswith(("to_k", "to_v"))
     }
-    for concept in ("cat", "bat-animal", "harry-potter"):  # not beyonce
-        torch.save(checkpoint, folder / f"{concept}.pt")
+    torch.save(checkpoint, folder / "cat.pt")  # not beyonce
     mace = {"strategy": "external", "label": "MACE", "path": str(folder / "{concept}.pt")}
-    args = world.args(methods={"mace": mace})
+    args = world.args(sheet=world.subset("cat", "Beyoncé"), methods={"mace": mace})
     first = snakemake(world.work, "--keep-going", "table1", *args)
     assert first.returncode != 0
     log = (world.work / "logs" / "erase" / "mace" / "beyonce.log").read_text()
@@ -203,13 +202,15 @@ def test_a_released_checkpoint_takes_maces_row(test_world, tmp_path):
 
 
 def test_a_2x2_sweep_writes_table6(test_world, tmp_path):
-    """Table 6's grid in the test world: its (5, 3) cell is Table 1's CRCE (not retrained)."""
+    """Table 6's grid in the test world on one concept: its (5, 3) cell is Table 1's CRCE (not
+    retrained)."""
     world = test_world.copy(tmp_path / "world")
     sweep = {"n_corefs": [3, 5], "n_retains": [1, 3], "categories": ["object"], "method": "crce"}
-    args = world.args(sweep=sweep)
-    plan = world.plan("table6", sweep=sweep)
-    assert plan["erase"] == 3 * 2  # three new cells on cat and bat (animal), no CRCE retraining
-    result = snakemake(world.work, "table6", *args)
+    cat = world.subset("cat")
+    args = world.args(sheet=cat, sweep=sweep)
+    plan = world.plan("table6", sheet=cat, sweep=sweep)
+    assert plan["erase"] == 3  # three new cells, no CRCE retraining
+    result = snakemake(world.work, "table6", "table1", *args)  # Table 1 of the same concept
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table6.csv")
     assert sorted(zip(table["M"], table["N"], strict=True)) == [(3, 1), (3, 3), (5, 1), (5, 3)]
@@ -226,9 +227,7 @@ def test_the_targets_beyond_table1_run_in_the_test_world(test_world, tmp_path):
     one concept per category and one method per kind (a job each costs seconds of imports on
     2 cores): tables of the expected shape, with n and spreads, values within their ranges."""
     world = test_world.copy(tmp_path / "world")
-    subset = world.work / "one-per-category.tsv"
-    rows = world.sheet.read_text().splitlines()
-    subset.write_text("\n".join(row for row in rows if not row.startswith("bat")) + "\n")
+    subset = world.subset("cat", "Harry Potter", "Beyoncé")
     kept = ("sd", "esd-x", "crce", "uce-cr")  # base, ESD, the paper's method, closed form
     left_out = dict.fromkeys(m for m in CONFIG["methods"] if m not in kept)
     args = world.args(sheet=subset, methods=left_out)

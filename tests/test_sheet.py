@@ -76,7 +76,10 @@ def test_bad_rows_are_named(tmp_path, name):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name", sorted(BAD_SHEETS))
+# Every bad row reaches the workflow through the one load_sheet call of common.smk: two
+# kinds (a row against another, a row alone) show the message gets there; the test above
+# checks each message.
+@pytest.mark.parametrize("name", ["duplicate concept", "id escapes"])
 def test_bad_sheet_stops_the_workflow_before_any_job(workdir, tmp_path, name):
     body, where, problem = BAD_SHEETS[name]
     sheet = _write(tmp_path, body)

@@ -170,6 +170,20 @@ def test_the_learning_rate_follows_cosine_with_restarts():
     assert math.isclose(method.lr_factor(10 + 45 // 2), 0.5 * (1 + math.cos(math.pi * 22 / 45)))
 
 
+def test_max_iterations_keeps_the_warm_up_its_share_of_the_run():
+    from crce.study import resolve_method
+
+    def resolved(bound):
+        sections = {"train": {"max_iterations": bound}}
+        return resolve_method("spm", {"strategy": "spm"}, sections).settings
+
+    assert (resolved(60).iterations, resolved(60).lr_warmup) == (60, 10)  # official 500 of 3,000
+    assert resolved(5000) == SpmSettings(strategy="spm")  # not bounded: the official schedule
+    assert resolve_method("e", {"strategy": "esd"}, {"train": {"max_iterations": 3}}).settings == (
+        resolve_method("e", {"strategy": "esd", "iterations": 3}, {}).settings
+    )
+
+
 def test_the_matching_score_on_hand_made_embeddings():
     target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],  # the same states: cosine 1

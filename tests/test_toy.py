@@ -200,16 +200,26 @@ def test_the_shipped_toy_model_keeps_sd14s_scheduler_config():
 def test_demo_erases_the_target_and_recovers_from_a_sigkill(tmp_path):
     """Killed (SIGKILL) at its first training checkpoint, the demo's command recovers after
     the README's one `--unlock`, resuming the training; then the properties of a working model
-    and a working erasure, not timings. The demo's world with the methods these assertions
-    read (SD, ESD-x, CRCE: one grouped erase job per concept still): the whole demo's time is
-    BENCHMARKS section 6, and every method runs in the test world."""
+    and a working erasure, not timings. The demo's world on one of its concepts with the
+    methods these assertions read (SD, ESD-x, CRCE: one grouped erase job still): the whole
+    demo's time is BENCHMARKS section 6, and every method runs in the test world."""
     from test_recovery import kill_at_first_checkpoint
 
     work = make_workdir(tmp_path)
     overlay = work / "demo-methods.yaml"
     left_out = ("realera", "crce-sphere", "crce-fixed", "uce", "uce-cr")
     overlay.write_text(yaml.safe_dump({"methods": dict.fromkeys(left_out)}))
-    args = ["table1", "--configfile", "config/demo.yaml", str(overlay)]
+    sheet = work / "circle.tsv"
+    header, circle = (TOY / "concepts.tsv").read_text().splitlines()[:2]
+    sheet.write_text(f"{header}\n{circle}\n")
+    args = [
+        "table1",
+        "--configfile",
+        "config/demo.yaml",
+        str(overlay),
+        "--config",
+        f"concepts={sheet}",
+    ]
     kill_at_first_checkpoint(work, args, "group")
     assert snakemake(work, "--unlock", *args).returncode == 0
     result = snakemake(work, *args, timeout=3000)

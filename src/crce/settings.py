@@ -142,8 +142,9 @@ class TrainRuntime(_Settings):
         None,
         ge=1,
         description="an upper bound on every trained method's iterations, its own defaults "
-        "included (SPM's official 3,000): how the small worlds scale every method. Not a param "
-        "itself: a method whose iterations it changes reruns through its own",
+        "included (SPM's official 3,000, its warm-up scaled alike): how the small worlds scale "
+        "every method. Not a param itself: a method whose iterations it changes reruns "
+        "through its own",
     )
 
 

@@ -126,8 +126,8 @@ def resolve_method(name: str, spec: dict, sections: dict) -> ResolvedMethod:
     except ValidationError as err:
         raise SettingsError(f"{where}: {_errors(err)}") from None
     bound = (sections.get("train") or {}).get("max_iterations")
-    if bound and getattr(settings, "iterations", 0) > bound:  # train.max_iterations
-        settings = settings.model_copy(update={"iterations": bound})
+    if bound:  # train.max_iterations
+        settings = cls.bounded(settings, bound)
     return ResolvedMethod(name, spec.get("label", name), cls, settings)
 
 

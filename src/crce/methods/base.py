@@ -149,6 +149,14 @@ class Method:
         return [k for k in cls.Settings.model_fields if k != "strategy" and k not in cls.own_keys]
 
     @classmethod
+    def bounded(cls, settings: MethodSettings, max_iterations: int) -> MethodSettings:
+        """Its settings with at most `max_iterations` iterations (`train.max_iterations`); a
+        method with a schedule counted in iterations (SPM's warm-up) scales it alike."""
+        if getattr(settings, "iterations", 0) <= max_iterations:
+            return settings
+        return settings.model_copy(update={"iterations": max_iterations})
+
+    @classmethod
     def group_key(cls, settings: MethodSettings) -> tuple | None:
         """Methods with equal keys train in one batched job (train.group_methods); None: alone."""
         return None

@@ -90,6 +90,16 @@ class Spm(IterativeMethod):
         self.adapter.to(engine.device)
         return dict(self.adapter.named_parameters())
 
+    @classmethod
+    def bounded(cls, settings: SpmSettings, max_iterations: int) -> SpmSettings:
+        """Fewer iterations keep the schedule's shape: the warm-up is the same share of the
+        run (official 500 of 3,000), else a short run would end inside it."""
+        bounded = super().bounded(settings, max_iterations)
+        if bounded is settings:
+            return settings
+        share = settings.lr_warmup / settings.iterations
+        return bounded.model_copy(update={"lr_warmup": round(share * max_iterations)})
+
     def lr_factor(self, iteration: int) -> float:
         return cosine_with_restarts(
             iteration, self.settings.lr_warmup, self.settings.iterations, self.settings.lr_cycles
