@@ -2,7 +2,7 @@
 own: none is in the package, and none needs an edit of the engine, the sampler or the rules.
 
 - `DenoiseReference`: an iterative method with its own objective, a denoising loss on a set of
-  reference images (what CA, SalUn and MACE train on), a trainable set of its own choosing (the
+  reference images drawn by the workflow (what CA, SalUn and MACE train on), a trainable set of its own choosing (the
   mid block's attention, beyond attn2 K/V) and a new token embedding trained beside the UNet
   (what FMN's textual inversion adds), checkpointed by the engine like the rest.
 - `DampedValues`: a closed-form method with a per-prompt sampling hook that scales every
@@ -22,6 +22,7 @@ from crce.methods import (
     IterativeMethod,
     IterativeSettings,
     MethodSettings,
+    ReferenceRequest,
     Sampling,
 )
 
@@ -69,6 +70,12 @@ class DenoiseReference(IterativeMethod):
         width = engine.prompts.target.shape[-1]
         self.token = torch.nn.Parameter(torch.zeros(1, 1, width, device=engine.device))
         return {"token": self.token}
+
+    @classmethod
+    def references(cls, settings, concept):
+        """Two images of the target from the base model (the `reference_images` rule)."""
+        prompt = f"a photo of {concept['text']}"
+        return [ReferenceRequest("anchor", (prompt,), images_per_prompt=2, steps=3)]
 
     @classmethod
     def objective(cls, engine, methods):

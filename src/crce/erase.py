@@ -17,6 +17,7 @@ from . import methods as registry
 from .constants import TRAINER_VERSION
 from .deltas import save_delta
 from .modeling import device_for, load_pipeline
+from .references import load_references
 from .seeds import derive_seed
 from .settings import TrainRuntime
 from .training import TrainingError
@@ -70,9 +71,11 @@ def run(
     outputs: dict[str, str],
     checkpoint_dir: str,
     trainer_version: int = TRAINER_VERSION,
+    references: dict[str, str] | None = None,
 ) -> None:
     """Erase one method, or a group that trains in one batched run, for the split's concept;
-    `methods` and `outputs` are keyed by method name."""
+    `methods` and `outputs` are keyed by method name, `references` (the image sets they train
+    on: name -> latents file) by the names the methods gave them."""
     from .lists import read_split
 
     if trainer_version != TRAINER_VERSION:
@@ -101,7 +104,8 @@ def run(
         for m, (cls, settings) in parsed.items()
     }
     job = Job(pipe, concept, split, seed, runtime,
-              Path(checkpoint_dir) if checkpoint_dir else None, device)  # fmt: skip
+              Path(checkpoint_dir) if checkpoint_dir else None, device,
+              load_references(references or {}))  # fmt: skip
     began = time.perf_counter()
     results = first_cls.erase(job, instances)
     elapsed = time.perf_counter() - began

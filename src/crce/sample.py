@@ -27,6 +27,7 @@ from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
 from .manifests import image_sha256
 from .modeling import device_for, load_pipeline, torch_dtype
+from .references import LATENTS, reference_key
 from .seeds import derive_seed
 from .settings import RobustnessSettings, SampleRuntime, SampleSettings
 
@@ -305,3 +306,63 @@ def run_robust(
                        seed=seed, images=robust.images_per_prompt)  # fmt: skip
     draw(plan, manifest, settings=SampleSettings(**sample), runtime=SampleRuntime(**runtime),
          model=model, delta=delta, sampling=sampling)  # fmt: skip
+
+
+# -- images a method trains on (rule reference_images, crce.references) ---------------------
+ENCODE_BATCH = 16
+
+
+def plan_references(params: dict):
+    """One row per image: its prompt, its seed (from the set's seed, the prompt and the image
+    index: a set drawn again, or by another study, has the same images) and its file."""
+    rows = []
+    for k, prompt in enumerate(params["prompts"]):
+        for i in range(params["images_per_prompt"]):
+            rows.append({
+                "method": "reference", "concept": reference_key(params), "group": "reference",
+                "prompt_index": k, "prompt": prompt, "image_index": i,
+                "seed": derive_seed("crce-reference", params["seed"], prompt, i),
+                "path": f"{k:03d}/{i:04d}.png",
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def encode_images(vae, paths: list[str], seed: int):
+    """VAE latents of the saved images, scaled as the UNet reads them: `latent_dist.sample()
+    * scaling_factor`, as the fine-tuning baselines encode their training images (e.g. CA's
+    train.py), with a seeded generator so a set has one tensor."""
+    generator = torch.Generator().manual_seed(derive_seed("crce-reference-latents", seed))
+    device, dtype = vae.device, vae.dtype
+    chunks = []
+    for start in range(0, len(paths), ENCODE_BATCH):
+        arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in
+                  paths[start : start + ENCODE_BATCH]]  # fmt: skip
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(device, dtype)).latent_dist
+            chunks.append(posterior.sample(generator=generator).float().cpu())
+    return torch.cat(chunks) * vae.config.scaling_factor
+
+
+def run_references(*, params: dict, runtime: dict, manifest: str, latents: str) -> None:
+    """The `reference_images` rule: draw the set (resumable, as every sample job), then
+    write its latents."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    settings = SampleSettings(
+        images_per_prompt=params["images_per_prompt"], steps=params["steps"],
+        guidance=params["guidance"], resolution=params["resolution"],
+        precision=params["precision"], scheduler=params["scheduler"],
+    )  # fmt: skip
+    runtime = SampleRuntime(**runtime)
+    plan = draw(plan_references(params), manifest, settings=settings, runtime=runtime,
+                model=params["model"], delta=None)  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(params["model"], subfolder="vae")
+    vae.to(device_for(runtime.device))
+    encoded = encode_images(vae, list(plan["path"]), params["seed"])
+    tmp = Path(latents).with_suffix(".tmp")
+    save_file({LATENTS: encoded.contiguous()}, tmp, metadata={"key": reference_key(params)})
+    tmp.replace(latents)
+    log.info("%d reference images of %d prompts, latents %s", len(plan),
+             len(params["prompts"]), tuple(encoded.shape))  # fmt: skip

@@ -273,6 +273,37 @@ class Study:
             return []
         return [f"results/splits/{concept_id}.json"]
 
+    def reference_sets(self, methods: list[str], concept: dict) -> dict[str, str]:
+        """The image sets one erase job's methods train on (`Method.references`): the name
+        each gives a set -> its key (`results/references/{key}/`). One name for two different
+        sets in one job is refused: the engine hands the job one `references` dict."""
+        from .references import reference_key, request_params
+
+        sets: dict[str, str] = {}
+        for name in methods:
+            method = self.all_trained[name]
+            for request in method.cls.references(method.settings, concept):
+                key = reference_key(request_params(request, model=self.model, sample=self.sample))
+                if sets.setdefault(request.name, key) != key:
+                    raise SettingsError(
+                        f"methods {', '.join(methods)} train in one job on {concept['id']} and "
+                        f"ask for two different image sets named {request.name!r}"
+                    )
+        return sets
+
+    def reference_requests(self, concepts: list[dict]) -> dict[str, dict]:
+        """Every image set any method asks for on any concept: key -> what decides it (the
+        `reference_images` rule's params), each drawn once however many ask."""
+        from .references import reference_key, request_params
+
+        found = {}
+        for method in self.all_trained.values():
+            for concept in concepts:
+                for request in method.cls.references(method.settings, concept):
+                    params = request_params(request, model=self.model, sample=self.sample)
+                    found[reference_key(params)] = params
+        return found
+
     def resources(self, method: str) -> dict:
         from .methods import KIND_RESOURCES
 

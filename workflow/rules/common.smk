@@ -195,6 +195,30 @@ def method_inputs(wildcards):
     return method.cls.job_inputs(method.settings, wildcards.concept)
 
 
+# Every image set a method trains on, by key: each drawn once (rule reference_images).
+REFERENCES = STUDY.reference_requests([asdict(c) for c in CONCEPTS.values()])
+
+
+def reference_latents(methods=None):
+    """An erase job's image sets (its methods' `references()`): name -> latents file; the
+    job's own method when `methods` is None."""
+
+    def of(wildcards):
+        names = [wildcards.method] if methods is None else methods
+        sets = STUDY.reference_sets(names, asdict(CONCEPTS[wildcards.concept]))
+        return {
+            n: f"results/references/{key}/latents.safetensors"
+            for n, key in sets.items()
+        }
+
+    return of
+
+
+def reference_files(methods=None):
+    """The latents files an erase job waits for."""
+    return lambda wildcards: list(reference_latents(methods)(wildcards).values())
+
+
 def delta_outputs(methods):
     """An erase job's outputs, named: each method's delta under its name, its record beside."""
     outputs = {}

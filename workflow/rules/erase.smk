@@ -9,6 +9,8 @@ rule erase:
         model=base_model,
         # What the method's job reads beyond the split (an external checkpoint).
         extra=method_inputs,
+        # The image sets it trains on (rule reference_images).
+        references=reference_files(),
     output:
         delta="results/models/{method}/{concept}/delta.safetensors",
         record="results/models/{method}/{concept}/train.json",
@@ -36,6 +38,7 @@ rule erase:
         checkpoint_dir="results/.checkpoints/{method}/{concept}",
         # Each method's delta by name (derived from the outputs: no rerun trigger).
         outputs=lambda wildcards, output: {wildcards.method: output.delta},
+        references=reference_latents(),
     script:
         "../scripts/erase.py"
 
@@ -46,6 +49,7 @@ if STUDY.grouped:
         input:
             split="results/splits/{concept}.json",
             model=base_model,
+            references=reference_files(STUDY.grouped),
         output:
             **delta_outputs(STUDY.grouped),
         log:
@@ -65,6 +69,7 @@ if STUDY.grouped:
             runtime=untracked(STUDY.train_runtime),
             checkpoint_dir="results/.checkpoints/group/{concept}",
             outputs=lambda wildcards, output: {m: output[m] for m in STUDY.grouped},
+            references=reference_latents(STUDY.grouped),
         script:
             "../scripts/erase.py"
 
@@ -73,6 +78,10 @@ if STUDY.grouped:
 if STUDY.sweep_grouped:
 
     use rule erase_group as erase_sweep with:
+        input:
+            split="results/splits/{concept}.json",
+            model=base_model,
+            references=reference_files(STUDY.sweep_grouped),
         output:
             **delta_outputs(STUDY.sweep_grouped),
         log:
@@ -93,3 +102,4 @@ if STUDY.sweep_grouped:
             outputs=lambda wildcards, output: {
                 m: output[m] for m in STUDY.sweep_grouped
             },
+            references=reference_latents(STUDY.sweep_grouped),

@@ -29,6 +29,31 @@ rule sample:
         "../scripts/sample.py"
 
 
+# The images a method trains on (its `references()`), from the base model: one job per set,
+# however many methods and concepts ask for it (crce.references).
+rule reference_images:
+    input:
+        model=base_model,
+    output:
+        manifest="results/references/{key}/manifest.parquet",
+        latents="results/references/{key}/latents.safetensors",
+    log:
+        "logs/references/{key}.log",
+    wildcard_constraints:
+        key=one_of(REFERENCES),
+    retries: 2
+    conda:
+        "../../envs/sample.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    params:
+        request=lambda wildcards: REFERENCES[wildcards.key],
+        runtime=untracked(STUDY.sample_runtime),
+    script:
+        "../scripts/reference_images.py"
+
+
 # On demand only (a full pipeline per (method, concept): terabytes at paper scale):
 # `snakemake results/export/crce/cat` writes a folder StableDiffusionPipeline loads.
 rule export:

@@ -12,4 +12,5 @@ with job_log(snakemake.log[0]):
         split_path=snakemake.input.split,
         outputs=p.outputs,
         checkpoint_dir=p.checkpoint_dir,
+        references=p.references,
     )

@@ -87,14 +87,15 @@ class ReferenceRequest:
     """A set of images a method trains on, drawn from the base model once for every method
     that asks for an equal set (the `reference_images` rule)."""
 
-    name: str  # how the method refers to it
+    name: str  # how the method refers to it (the engine's `references[name]`)
     prompts: tuple[str, ...]
     images_per_prompt: int
     steps: int = 50
     guidance: float = 7.5
-    resolution: int | None = None  # None: the model's own
+    resolution: int | None = None  # None: the study's `sample.resolution`
+    scheduler: str = "model"  # the model's own (SD v1.4: PNDM, what a plain pipeline call uses)
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # anything else that decides the set
 
 
 class Sampling:

@@ -1,0 +1,57 @@
+"""Image sets a method trains on (its `references()`): what decides a set, its key and how
+an erase job reads it. The `reference_images` rule draws each set once from the base model
+(crce.sample.run_references), as PNGs (what a mask model or a reader sees) and their VAE
+latents (what a trainer reads).
+
+A set is named by a digest of everything that decides its images (model, prompts, counts,
+sampler, seed; not the name a method gives it), so two methods asking for the same images
+share one job and one folder: `results/references/{key}/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .methods import ReferenceRequest
+from .settings import SampleSettings
+
+LATENTS = "latents"  # the tensor's name in latents.safetensors
+
+
+def request_params(request: ReferenceRequest, *, model: str, sample: SampleSettings) -> dict:
+    """What decides a set's images, as plain builtins (the rule's params; the key's source).
+    An unset resolution is the study's sampling resolution, the precision always is."""
+    return {
+        "model": model,
+        "prompts": list(request.prompts),
+        "images_per_prompt": request.images_per_prompt,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "resolution": request.resolution or sample.resolution,
+        "scheduler": request.scheduler,
+        "precision": sample.precision,
+        "seed": request.seed,
+        "extra": json.loads(json.dumps(request.extra)),
+    }
+
+
+def reference_key(params: dict) -> str:
+    """The set's folder name: equal params, one key (16 hex digits of their sha256)."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_references(paths: dict[str, str]) -> dict:
+    """The latents of each set a job's methods train on, by the name they gave it."""
+    from safetensors.torch import load_file
+
+    from .files import damaged, rebuild_hint
+
+    loaded = {}
+    for name, path in paths.items():
+        try:
+            loaded[name] = load_file(path)[LATENTS]
+        except Exception as err:  # safetensors raises SafetensorError, OSError, KeyError
+            raise damaged(path, err, rebuild_hint(path)) from None
+    return loaded

@@ -1,0 +1,10 @@
+from crce.logs import job_log
+from crce.sample import run_references
+
+with job_log(snakemake.log[0]):
+    run_references(
+        params=snakemake.params.request,
+        runtime=vars(snakemake.params.runtime),
+        manifest=snakemake.output.manifest,
+        latents=snakemake.output.latents,
+    )
