@@ -2,6 +2,7 @@
 its outputs, and what a rerun plans after a change. Every test shares one finished run."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -14,6 +15,15 @@ TRAINED = [m for m, spec in CONFIG["methods"].items() if spec["strategy"] != "no
 ITERATIVE = [m for m in TRAINED if CONFIG["methods"][m]["strategy"] != "uce"]
 # metrics, Table 1's figures (3 categories in the test sheet), retains close/far, the target
 AGGREGATES = {"metrics": 1, "category_figure": 3, "retains_by_distance": 1, "all": 1}
+# Every name docs/METRICS.md defines (in backticks).
+DOCUMENTED = set(re.findall(r"`([A-Za-z_]+)`", (REPO / "docs" / "METRICS.md").read_text()))
+
+
+def undocumented(frame: pd.DataFrame) -> set[str]:
+    """The table's metrics (its numeric columns, the values of a `metric` column; Table 1's
+    `category/metric` columns by metric) that docs/METRICS.md has no entry for."""
+    names = set(frame.select_dtypes("number").columns) | set(frame.get("metric", []))
+    return {name.split("/")[-1] for name in names} - DOCUMENTED
 
 
 def test_table1_has_one_row_per_method_in_the_papers_layout(test_world):
@@ -254,11 +264,23 @@ def test_the_targets_beyond_table1_run_in_the_test_world(test_world, tmp_path):
     prompts = json.loads((results / "robustness" / "prompts" / "cat.json").read_text())
     assert [p["kind"] for p in prompts["prompts"]].count("paraphrase") == 3
     assert not any("cat" in p["text"] for p in prompts["prompts"] if p["kind"] == "paraphrase")
+    for table in ("quality.csv", "robustness.csv", "judge_audit.csv"):
+        assert not undocumented(pd.read_csv(results / table)), table
     audit = pd.read_csv(results / "judge_audit.csv")
     assert len(audit) == 15 and audit["agreement"].between(0, 1).all()  # 3 categories x 5 groups
     sheet = pd.read_csv(results / "audit" / "sheet.csv", keep_default_na=False)
     assert len(sheet) == 12 and (sheet["human"] == "").all()
     assert (results / "audit" / "sheet.html").read_text().count("<img") == 12
+
+
+def test_every_metric_of_the_results_is_defined_in_docs_metrics(test_world):
+    results = test_world.work / "results"
+    tables = [pd.read_parquet(results / "metrics.parquet")] + [
+        pd.read_csv(path) for path in [*results.glob("*.csv"), *results.glob("clip_distances/*")]
+    ]
+    assert len(tables) >= 6
+    for table in tables:
+        assert not undocumented(table), sorted(table.columns)
 
 
 def test_report_shows_tables_and_figures(test_world):
