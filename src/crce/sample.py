@@ -315,11 +315,11 @@ ENCODE_BATCH = 16
 def plan_references(params: dict):
     """One row per image: its prompt, its seed (from the set's seed, the prompt and the image
     index: a set drawn again, or by another study, has the same images) and its file."""
-    rows = []
+    rows, key = [], reference_key(params)
     for k, prompt in enumerate(params["prompts"]):
         for i in range(params["images_per_prompt"]):
             rows.append({
-                "method": "reference", "concept": reference_key(params), "group": "reference",
+                "method": "reference", "concept": key, "group": "reference",
                 "prompt_index": k, "prompt": prompt, "image_index": i,
                 "seed": derive_seed("crce-reference", params["seed"], prompt, i),
                 "path": f"{k:03d}/{i:04d}.png",
