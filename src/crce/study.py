@@ -277,13 +277,9 @@ class Study:
         """The image sets one erase job's methods train on (`Method.references`): the name
         each gives a set -> its key (`results/references/{key}/`). One name for two different
         sets in one job is refused: the engine hands the job one `references` dict."""
-        from .references import reference_key, request_params
-
         sets: dict[str, str] = {}
         for name in methods:
-            method = self.all_trained[name]
-            for request in method.cls.references(method.settings, concept):
-                key = reference_key(request_params(request, model=self.model, sample=self.sample))
+            for request, key, _ in self._references(self.all_trained[name], concept):
                 if sets.setdefault(request.name, key) != key:
                     raise SettingsError(
                         f"methods {', '.join(methods)} train in one job on {concept['id']} and "
@@ -294,14 +290,20 @@ class Study:
     def reference_requests(self, concepts: list[dict]) -> dict[str, dict]:
         """Every image set any method asks for on any concept: key -> what decides it (the
         `reference_images` rule's params), each drawn once however many ask."""
-        from .references import reference_key, request_params
-
         found = {}
         for method in self.all_trained.values():
             for concept in concepts:
-                for request in method.cls.references(method.settings, concept):
-                    params = request_params(request, model=self.model, sample=self.sample)
-                    found[reference_key(params)] = params
+                found.update({key: params for _, key, params in self._references(method, concept)})
+        return found
+
+    def _references(self, method: ResolvedMethod, concept: dict) -> list[tuple]:
+        """(request, key, params) of each image set `method` asks for on `concept`."""
+        from .references import reference_key, request_params
+
+        found = []
+        for request in method.cls.references(method.settings, concept):
+            params = request_params(request, model=self.model, sample=self.sample)
+            found.append((request, reference_key(params), params))
         return found
 
     def resources(self, method: str) -> dict:
