@@ -44,7 +44,7 @@ class DenoiseObjective:
     def losses(self, iteration):
         engine = self.engine
         generator = engine.generator(iteration)  # the engine's per-iteration randomness
-        latents = engine.references["anchor"].to(engine.device)
+        latents = engine.references["anchor"].latents.to(engine.device)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         t = torch.randint(0, 1000, (1,), generator=generator)
         noisy = self.scheduler.add_noise(latents, noise, t)

@@ -1,4 +1,4 @@
-"""ESD-u, SLD, RECE and SPEED against independent references that import nothing of them."""
+"""ESD-u, SLD, RECE and SPEED (CA: tests/test_ca.py) against independent references that import nothing of them."""
 
 import json
 
@@ -218,13 +218,16 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     world = test_world.copy(tmp_path / "world")
     baselines = yaml.safe_load((REPO / "config" / "baselines.yaml").read_text())["methods"]
     cat = world.subset("cat")  # their jobs on the one concept the assertions read
+    # CA's anchor images: one set per anchor, cat and bat (animal) share "animal"'s
+    assert world.plan("models", methods=baselines)["reference_images"] == 3
     plan = world.plan("table1", sheet=cat, methods=baselines)
-    assert plan["erase"] == 4 and plan["sample"] == 5  # SLD samples, trains nothing
+    assert plan["erase"] == 5 and plan["sample"] == 6  # SLD samples, trains nothing
+    assert plan["reference_images"] == 1
     exports = ["results/export/sld/cat", "results/export/spm/cat"]
     result = snakemake(world.work, "table1", *exports, *world.args(sheet=cat, methods=baselines))
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv").set_index("method")
-    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM"):
+    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM", "CA"):
         assert table.loc[label].between(0, 100).all(), label
     assert not (world.work / "results" / "models" / "sld").exists()
     from diffusers import DiffusionPipeline
@@ -239,3 +242,8 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     assert sampled["sampling"]["settings"]["transport"] == "clipcos_tokenuni"
     train = json.loads((world.work / "results/models/spm/cat/train.json").read_text())
     assert train["iterations"] == 4  # train.max_iterations bounds SPM's official 3,000
+    from crce.deltas import delta_record
+
+    ca = delta_record(str(world.work / "results/models/ca/cat/delta.safetensors"))
+    assert ca["anchor"] == "animal" and ca["prior_preservation"] is False
+    assert ca["lr"] == pytest.approx(2e-6 * 2)  # --scale_lr: x the test world's batch of 2

@@ -149,7 +149,11 @@ def test_the_contract_carries_a_denoising_loss_on_images_and_a_new_embedding(tin
                                                                             tmp_path):  # fmt: skip
     """A stub that the engine trains as it is: its own objective on reference latents, its own
     trainable set (mid-block attention) and a new token embedding; deterministic, resumable."""
-    references = {"anchor": torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))}
+    from crce.references import ReferenceSet
+
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    references = {"anchor": ReferenceSet(latents, {"prompts": ["a photo of cat"],
+                                                   "images_per_prompt": 2})}  # fmt: skip
 
     def engine():
         pipe = load_pipeline(tiny_model)

@@ -65,7 +65,11 @@ def builtin_methods() -> dict[str, type[registry.Method]]:
 def sections() -> list[Section]:
     methods = builtin_methods()
     iterative = [cls for cls in methods.values() if cls.section == "train"]
-    uce = methods["uce"]
+    # A method with a section of its own (UCE's `uce`, CA's `ca`): its defaults there.
+    own: dict[str, tuple[str, type]] = {}  # section -> its first method (RECE reads `uce`)
+    for name, cls in methods.items():
+        if cls.section not in (None, "train"):
+            own.setdefault(cls.section, (name, cls))
     return [
         Section("model", [ModelSettings], True, "the base model"),
         Section("corefs", [CorefSource], True, "where the lists come from"),
@@ -78,8 +82,15 @@ def sections() -> list[Section]:
             "defaults of every method the engine trains (a method's entry overrides any)",
             keys=sorted({k for c in iterative for k in c.section_keys()}),
         ),  # fmt: skip
-        Section(
-            "uce", [uce.Settings], False, "defaults of every `uce` method", keys=uce.section_keys()
+        *(
+            Section(
+                cls.section,
+                [cls.Settings],
+                False,
+                f"defaults of every `{name}` method",
+                keys=cls.section_keys(),
+            )
+            for name, cls in own.values()
         ),  # fmt: skip
         Section("sample", [SampleSettings, SampleRuntime], True, "evaluation sampling"),
         Section("judge", [JudgeSettings, JudgeRuntime], True, "the VLM judge"),

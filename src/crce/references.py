@@ -12,11 +12,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 from .methods import ReferenceRequest
 from .settings import SampleSettings
 
 LATENTS = "latents"  # the tensor's name in latents.safetensors
+PARAMS = "params"  # its metadata key: the set's params as JSON (prompts, counts, extra)
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """One set as a trainer reads it: latents in drawing order (prompt by prompt, then image)
+    and what decided them."""
+
+    latents: object  # torch.Tensor [n, C, h, w]
+    params: dict
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of each image, in the latents' order."""
+        per = self.params["images_per_prompt"]
+        return [p for p in self.params["prompts"] for _ in range(per)]
+
+    @property
+    def extra(self) -> dict:
+        return self.params.get("extra", {})
 
 
 def request_params(request: ReferenceRequest, *, model: str, sample: SampleSettings) -> dict:
@@ -42,16 +63,18 @@ def reference_key(params: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def load_references(paths: dict[str, str]) -> dict:
-    """The latents of each set a job's methods train on, by the name they gave it."""
-    from safetensors.torch import load_file
+def load_references(paths: dict[str, str]) -> dict[str, ReferenceSet]:
+    """Each set a job's methods train on, by the name they gave it."""
+    from safetensors import safe_open
 
     from .files import damaged, rebuild_hint
 
     loaded = {}
     for name, path in paths.items():
         try:
-            loaded[name] = load_file(path)[LATENTS]
-        except Exception as err:  # safetensors raises SafetensorError, OSError, KeyError
+            with safe_open(path, framework="pt") as file:
+                params = json.loads(file.metadata()[PARAMS])
+                loaded[name] = ReferenceSet(file.get_tensor(LATENTS), params)
+        except Exception as err:  # SafetensorError, OSError, KeyError, JSONDecodeError
             raise damaged(path, err, rebuild_hint(path)) from None
     return loaded

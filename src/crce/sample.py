@@ -27,7 +27,7 @@ from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
 from .manifests import image_sha256
 from .modeling import device_for, load_pipeline, torch_dtype
-from .references import LATENTS, reference_key
+from .references import LATENTS, PARAMS, reference_key
 from .seeds import derive_seed
 from .settings import RobustnessSettings, SampleRuntime, SampleSettings
 
@@ -362,7 +362,8 @@ def run_references(*, params: dict, runtime: dict, manifest: str, latents: str) 
     vae.to(device_for(runtime.device))
     encoded = encode_images(vae, list(plan["path"]), params["seed"])
     tmp = Path(latents).with_suffix(".tmp")
-    save_file({LATENTS: encoded.contiguous()}, tmp, metadata={"key": reference_key(params)})
+    metadata = {"key": reference_key(params), PARAMS: json.dumps(params)}
+    save_file({LATENTS: encoded.contiguous()}, tmp, metadata=metadata)
     tmp.replace(latents)
     log.info("%d reference images of %d prompts, latents %s", len(plan),
              len(params["prompts"]), tuple(encoded.shape))  # fmt: skip

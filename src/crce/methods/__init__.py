@@ -56,6 +56,7 @@ BUILTIN = {
     "rece": "crce.methods.rece:Rece",
     "speed": "crce.methods.speed:Speed",
     "spm": "crce.methods.spm:Spm",
+    "ca": "crce.methods.ca:ConceptAblation",
 }
 
 

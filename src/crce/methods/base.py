@@ -219,6 +219,7 @@ class IterativeMethod(Method):
       embeddings), checkpointed with the rest, not in the delta;
     - `optimizer` / `optimizer_kwargs()`: the optimiser class and its arguments (Adam at lr);
       `lr_factor(iteration)`: a learning-rate schedule (constant by default);
+      `max_grad_norm()`: clip its gradients' norm before each step (None: no clipping);
     - `delta(tensors)`: what of the trained tensors the delta keeps (all by default).
     """
 
@@ -248,6 +249,9 @@ class IterativeMethod(Method):
     def lr_factor(self, iteration: int) -> float:
         """The learning rate at `iteration` as a share of `lr` (a schedule; constant here)."""
         return 1.0
+
+    def max_grad_norm(self) -> float | None:
+        return None
 
     def delta(self, tensors: dict) -> dict:
         return tensors

@@ -167,6 +167,9 @@ class Engine:
             if not torch.isfinite(loss):
                 raise TrainingError(f"{method}: loss is {loss.item()} at iteration {iteration}")
         sum(losses.values()).backward()
+        for group, method in zip(self.optimizer.param_groups, self.methods.values(), strict=True):
+            if (limit := method.max_grad_norm()) is not None:
+                torch.nn.utils.clip_grad_norm_(group["params"], limit)
         self.optimizer.step()
         return {method: loss.item() for method, loss in losses.items()}
 
