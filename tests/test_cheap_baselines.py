@@ -1,4 +1,4 @@
-"""ESD-u, SLD, RECE and SPEED (CA: tests/test_ca.py) against independent references that import nothing of them."""
+"""ESD-u, SLD, RECE and SPEED (CA, SalUn: tests/test_ca.py, test_salun.py) against independent references that import nothing of them."""
 
 import json
 
@@ -218,16 +218,17 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     world = test_world.copy(tmp_path / "world")
     baselines = yaml.safe_load((REPO / "config" / "baselines.yaml").read_text())["methods"]
     cat = world.subset("cat")  # their jobs on the one concept the assertions read
-    # CA's anchor images: one set per anchor, cat and bat (animal) share "animal"'s
-    assert world.plan("models", methods=baselines)["reference_images"] == 3
+    # CA's anchor images: one set per anchor (cat and bat (animal) share "animal"'s); SalUn's
+    # forget and remain images: two per concept
+    assert world.plan("models", methods=baselines)["reference_images"] == 3 + 2 * 4
     plan = world.plan("table1", sheet=cat, methods=baselines)
-    assert plan["erase"] == 5 and plan["sample"] == 6  # SLD samples, trains nothing
-    assert plan["reference_images"] == 1
+    assert plan["erase"] == 6 and plan["sample"] == 7  # SLD samples, trains nothing
+    assert plan["reference_images"] == 3
     exports = ["results/export/sld/cat", "results/export/spm/cat"]
     result = snakemake(world.work, "table1", *exports, *world.args(sheet=cat, methods=baselines))
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv").set_index("method")
-    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM", "CA"):
+    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM", "CA", "SalUn"):
         assert table.loc[label].between(0, 100).all(), label
     assert not (world.work / "results" / "models" / "sld").exists()
     from diffusers import DiffusionPipeline
@@ -247,3 +248,15 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     ca = delta_record(str(world.work / "results/models/ca/cat/delta.safetensors"))
     assert ca["anchor"] == "animal" and ca["prior_preservation"] is False
     assert ca["lr"] == pytest.approx(2e-6 * 2)  # --scale_lr: x the test world's batch of 2
+    salun = world.work / "results/models/salun/cat/delta.safetensors"
+    assert delta_record(str(salun))["pseudo"] == "animal"
+    from safetensors import safe_open
+
+    with safe_open(str(salun), "pt") as stored:
+        assert all(k.startswith("sparse.") for k in stored.keys())  # by its mask
+    remain = pd.read_parquet(next(
+        m for m in (world.work / "results/references").glob("*/manifest.parquet")
+        if pd.read_parquet(m)["prompt"].str.startswith("an image of a").all()
+        and "an image of a cat" not in set(pd.read_parquet(m)["prompt"])))  # fmt: skip
+    split = json.loads((world.work / "results/splits/cat.json").read_text())
+    assert set(remain["prompt"]) == {f"an image of a {i['text']}" for i in split["retain_train"]}

@@ -21,7 +21,7 @@ CAT = {"id": "cat", "text": "cat", "category": "object"}
 
 
 def key(request, model="m"):
-    return reference_key(request_params(request, model=model, sample=SAMPLE))
+    return reference_key(request_params(request, model=model, sample=SAMPLE, concept_id="cat"))
 
 
 def test_equal_requests_share_one_key_and_any_difference_is_another():
@@ -80,7 +80,7 @@ def test_a_set_is_deterministic_and_its_latents_encode_its_images(tiny_model, tm
     from safetensors.torch import load_file
 
     request = ReferenceRequest("anchor", ("a photo of cat", "a cat"), images_per_prompt=3, steps=2)
-    params = request_params(request, model=tiny_model, sample=SAMPLE)
+    params = request_params(request, model=tiny_model, sample=SAMPLE, concept_id="cat")
     drawn = []
     for name in ("first", "second"):
         folder = tmp_path / name

@@ -5,6 +5,9 @@ by the sampler, the export and anyone with an SD pipeline:
 
 Tensors named under `adapter.` (ADAPTER_PREFIX) are not UNet weights: what a method's
 sampling hook reads (SPM's adapter factors and transport scorer); the loaders skip them.
+A tensor changed at some entries only (SalUn's, by its mask) is stored sparse, under
+`sparse.` (SPARSE_PREFIX): `sparse.{name}.mask`, its entries as packed bits, and
+`sparse.{name}.value`, their values; `unet_tensors` makes them whole again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,44 @@ from pathlib import Path
 from .files import honour_umask
 
 ADAPTER_PREFIX = "adapter."
+SPARSE_PREFIX = "sparse."
+
+
+def sparse(name: str, tensor, mask) -> dict:
+    """`tensor`'s entries where `mask` holds, as two delta tensors (nothing where none does)."""
+    import numpy as np
+    import torch
+
+    flat = mask.flatten().bool()
+    if not flat.any():
+        return {}
+    bits = torch.from_numpy(np.packbits(flat.cpu().numpy()))
+    value = tensor.flatten()[flat.to(tensor.device)].contiguous()
+    return {f"{SPARSE_PREFIX}{name}.mask": bits, f"{SPARSE_PREFIX}{name}.value": value}
+
+
+def unet_tensors(tensors: dict, unet) -> dict:
+    """The UNet weights a delta sets: its plain tensors, and its sparse ones written into
+    copies of the UNet's own; adapter tensors are left out."""
+    import numpy as np
+    import torch
+
+    whole = {k: v for k, v in tensors.items() if not k.startswith((ADAPTER_PREFIX, SPARSE_PREFIX))}
+    own = dict(unet.named_parameters())
+    for key in tensors:
+        if not (key.startswith(SPARSE_PREFIX) and key.endswith(".mask")):
+            continue
+        name = key[len(SPARSE_PREFIX) : -len(".mask")]
+        if name not in own:
+            raise ValueError(f"sparse tensor {name!r} is not in the UNet")
+        base = own[name].detach()
+        bits = np.unpackbits(tensors[key].numpy(), count=base.numel()).astype(bool)
+        dense = base.flatten().clone()
+        dense[torch.from_numpy(bits).to(dense.device)] = tensors[f"{SPARSE_PREFIX}{name}.value"].to(
+            dense
+        )
+        whole[name] = dense.view_as(base)
+    return whole
 
 
 def save_delta(tensors: dict, path: str | Path, *, method: str, concept: str,

@@ -22,6 +22,7 @@ PARAM_SETS = {
     "xattn-kv": lambda n: _is_attn2(n) and (".to_k." in n or ".to_v." in n),
     "xattn-qk": lambda n: _is_attn2(n) and (".to_q." in n or ".to_k." in n),
     "xattn": lambda n: _is_attn2(n),
+    "full": lambda n: True,
     "noxattn-compvis": lambda n: (
         not _is_attn2(n) and not n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))
     ),

@@ -40,9 +40,15 @@ class ReferenceSet:
         return self.params.get("extra", {})
 
 
-def request_params(request: ReferenceRequest, *, model: str, sample: SampleSettings) -> dict:
+def request_params(request: ReferenceRequest, *, model: str, sample: SampleSettings,
+                   concept_id: str) -> dict:  # fmt: skip
     """What decides a set's images, as plain builtins (the rule's params; the key's source).
-    An unset resolution is the study's sampling resolution, the precision always is."""
+    An unset resolution is the study's sampling resolution, the precision always is. Prompts
+    from a split name it (`split`): the job reads them from `results/splits/{concept}.json`."""
+    from_split = None
+    if request.from_split:
+        from_split = {"concept": concept_id, "group": request.from_split,
+                      "template": request.template}  # fmt: skip
     return {
         "model": model,
         "prompts": list(request.prompts),
@@ -54,7 +60,27 @@ def request_params(request: ReferenceRequest, *, model: str, sample: SampleSetti
         "precision": sample.precision,
         "seed": request.seed,
         "extra": json.loads(json.dumps(request.extra)),
+        "split": from_split,
     }
+
+
+def split_file(params: dict) -> str | None:
+    """The split a set's prompts come from (None for prompts given outright)."""
+    return f"results/splits/{params['split']['concept']}.json" if params.get("split") else None
+
+
+def resolved_prompts(params: dict, split_path: str | None = None) -> dict:
+    """The params with the prompts a split gives (unchanged without one)."""
+    if not params.get("split"):
+        return params
+    from .lists import read_split
+
+    split = read_split(split_path)
+    spec = params["split"]
+    prompts = [spec["template"].format(item.text) for _, item in split.items(spec["group"])]
+    if not prompts:
+        raise ValueError(f"{split_path}: no {spec['group']} items to draw reference images of")
+    return {**params, "prompts": prompts}
 
 
 def reference_key(params: dict) -> str:

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .deltas import ADAPTER_PREFIX
+from .deltas import unet_tensors
 from .digests import files_sha256
 from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
 from .manifests import image_sha256
 from .modeling import device_for, load_pipeline, torch_dtype
-from .references import LATENTS, PARAMS, reference_key
+from .references import LATENTS, PARAMS, reference_key, resolved_prompts
 from .seeds import derive_seed
 from .settings import RobustnessSettings, SampleRuntime, SampleSettings
 
@@ -108,8 +108,7 @@ def load_erased_pipeline(pretrained: str, delta: str | None, *, dtype, device):
             tensors = load_file(delta)
         except Exception as err:  # safetensors raises SafetensorError, OSError, ...
             raise damaged(delta, err, rebuild_hint(delta)) from None
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(ADAPTER_PREFIX)}
-        result = pipe.unet.load_state_dict(tensors, strict=False)
+        result = pipe.unet.load_state_dict(unet_tensors(tensors, pipe.unet), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{delta}: tensors not in the UNet: {result.unexpected_keys[:5]}")
     return pipe
@@ -312,10 +311,10 @@ def run_robust(
 ENCODE_BATCH = 16
 
 
-def plan_references(params: dict):
+def plan_references(params: dict, key: str | None = None):
     """One row per image: its prompt, its seed (from the set's seed, the prompt and the image
     index: a set drawn again, or by another study, has the same images) and its file."""
-    rows, key = [], reference_key(params)
+    rows, key = [], key or reference_key(params)
     for k, prompt in enumerate(params["prompts"]):
         for i in range(params["images_per_prompt"]):
             rows.append({
@@ -344,11 +343,16 @@ def encode_images(vae, paths: list[str], seed: int):
     return torch.cat(chunks) * vae.config.scaling_factor
 
 
-def run_references(*, params: dict, runtime: dict, manifest: str, latents: str) -> None:
+def run_references(*, params: dict, runtime: dict, manifest: str, latents: str,
+                   split: str | None = None) -> None:  # fmt: skip
     """The `reference_images` rule: draw the set (resumable, as every sample job), then
-    write its latents."""
+    write its latents (and its params, prompts resolved from `split` where they come from
+    one)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
+
+    key = reference_key(params)
+    params = resolved_prompts(params, split)
 
     settings = SampleSettings(
         images_per_prompt=params["images_per_prompt"], steps=params["steps"],
@@ -356,13 +360,13 @@ def run_references(*, params: dict, runtime: dict, manifest: str, latents: str) 
         precision=params["precision"], scheduler=params["scheduler"],
     )  # fmt: skip
     runtime = SampleRuntime(**runtime)
-    plan = draw(plan_references(params), manifest, settings=settings, runtime=runtime,
+    plan = draw(plan_references(params, key), manifest, settings=settings, runtime=runtime,
                 model=params["model"], delta=None)  # fmt: skip
     vae = AutoencoderKL.from_pretrained(params["model"], subfolder="vae")
     vae.to(device_for(runtime.device))
     encoded = encode_images(vae, list(plan["path"]), params["seed"])
     tmp = Path(latents).with_suffix(".tmp")
-    metadata = {"key": reference_key(params), PARAMS: json.dumps(params)}
+    metadata = {"key": key, PARAMS: json.dumps(params)}
     save_file({LATENTS: encoded.contiguous()}, tmp, metadata=metadata)
     tmp.replace(latents)
     log.info("%d reference images of %d prompts, latents %s", len(plan),

@@ -302,7 +302,8 @@ class Study:
 
         found = []
         for request in method.cls.references(method.settings, concept):
-            params = request_params(request, model=self.model, sample=self.sample)
+            params = request_params(request, model=self.model, sample=self.sample,
+                                    concept_id=concept["id"])  # fmt: skip
             found.append((request, reference_key(params), params))
         return found
 

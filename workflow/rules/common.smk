@@ -199,6 +199,13 @@ def method_inputs(wildcards):
 REFERENCES = STUDY.reference_requests([asdict(c) for c in CONCEPTS.values()])
 
 
+def reference_split(wildcards):
+    """The split a set's prompts come from (a method's `from_split` request), if any."""
+    from crce.references import split_file
+
+    return split_file(REFERENCES[wildcards.key]) or []
+
+
 def reference_latents(methods=None):
     """An erase job's image sets (its methods' `references()`): name -> latents file; the
     job's own method when `methods` is None."""

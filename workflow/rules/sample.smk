@@ -34,6 +34,7 @@ rule sample:
 rule reference_images:
     input:
         model=base_model,
+        split=reference_split,
     output:
         manifest="results/references/{key}/manifest.parquet",
         latents="results/references/{key}/latents.safetensors",

@@ -7,4 +7,5 @@ with job_log(snakemake.log[0]):
         runtime=vars(snakemake.params.runtime),
         manifest=snakemake.output.manifest,
         latents=snakemake.output.latents,
+        split=split if isinstance(split := snakemake.input.split, str) else None,
     )

@@ -57,6 +57,7 @@ BUILTIN = {
     "speed": "crce.methods.speed:Speed",
     "spm": "crce.methods.spm:Spm",
     "ca": "crce.methods.ca:ConceptAblation",
+    "salun": "crce.methods.salun:Salun",
 }
 
 

@@ -61,7 +61,7 @@ class MethodSettings(BaseModel):
         return self.model_dump(mode="json")
 
 
-ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn", "noxattn-compvis"]
+ParamSet = Literal["xattn-kv", "xattn-qk", "xattn", "noxattn", "noxattn-compvis", "full"]
 
 
 class IterativeSettings(MethodSettings):
@@ -73,7 +73,8 @@ class IterativeSettings(MethodSettings):
         "(official CRCE code), `xattn` (every attn2 Linear, the ESD code's ESD-x), `noxattn` "
         "(ESD-u as the ESD code's diffusers esd_sd.py selects it: every Linear and Conv2d "
         "outside attn2, norms not), `noxattn-compvis` (the original ESD code's ESD-u: every "
-        "parameter outside attn2 but time_embedding and conv_out, norms included)",
+        "parameter outside attn2 but time_embedding and conv_out, norms included), `full` (every "
+        "UNet parameter)",
     )
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper 1e-5; CRCE code 2e-5)")
     iterations: int = Field(500, ge=1, description="optimiser steps per concept")
@@ -96,6 +97,10 @@ class ReferenceRequest:
     scheduler: str = "model"  # the model's own (SD v1.4: PNDM, what a plain pipeline call uses)
     seed: int = 0
     extra: dict = field(default_factory=dict)  # anything else that decides the set
+    # Prompts from the concept's split instead (`prompts` empty): `template` on the items of
+    # this group ("retain_train"), read by the job once the split exists.
+    from_split: str | None = None
+    template: str = "{}"
 
 
 class Sampling:

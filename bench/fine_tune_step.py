@@ -1,0 +1,93 @@
+"""CA and SalUn: the engine's trainer vs the official loop's pattern (tests/reference_ca.py,
+tests/reference_salun.py: a deep-copied UNet, prompts encoded at every step, separate calls),
+whole runs (SalUn's mask pass included) of the same iterations on the same latents, the two
+sides alternated in one process so the machine's noise hits both alike.
+
+    python bench/fine_tune_step.py --method ca --rounds 5 --iterations 20      # tiny CPU model
+    python bench/fine_tune_step.py --method salun --rounds 5 --iterations 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import make_cat_split  # noqa: E402
+from reference_ca import train_ca  # noqa: E402
+from reference_salun import train_salun  # noqa: E402
+
+from crce.modeling import load_pipeline  # noqa: E402
+from crce.references import ReferenceSet  # noqa: E402
+from crce.training.engine import Engine  # noqa: E402
+from crce_worlds.tiny import build_tiny_pipeline  # noqa: E402
+
+PROMPTS = [f"a photo of a animal number {k}" for k in range(10)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--method", choices=["ca", "salun"], default="ca")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", seed=0))
+    pipe = load_pipeline(model)
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(
+        (len(PROMPTS) * 10, 4, size, size), generator=torch.Generator().manual_seed(0)
+    )
+    remain = torch.randn((40, 4, size, size), generator=torch.Generator().manual_seed(1))
+    if args.method == "ca":
+        references = {"anchor": ReferenceSet(latents, {"prompts": PROMPTS, "images_per_prompt": 10,
+                                                       "extra": {"anchor": "animal"}})}  # fmt: skip
+    else:
+        references = {
+            "forget": ReferenceSet(latents, {"prompts": ["an image of a cat"], "images_per_prompt": 100}),
+            "remain": ReferenceSet(remain, {"prompts": [f"an image of a dog {k}" for k in range(10)],
+                                            "images_per_prompt": 4, "extra": {"pseudo": "animal"}}),
+        }  # fmt: skip
+    settings = {"strategy": args.method, "iterations": args.iterations, "batch_size": args.batch,
+                "precision": "float32"}  # fmt: skip
+    split = make_cat_split()
+
+    def reference():
+        if args.method == "ca":
+            train_ca(load_pipeline(model), latents, references["anchor"].prompts, "animal", "cat",
+                     seed=0, iterations=args.iterations, lr=2e-6, batch=args.batch, prior=False)  # fmt: skip
+        else:
+            f, r = references["forget"], references["remain"]
+            train_salun(load_pipeline(model), f.latents, f.prompts, r.latents, r.prompts,
+                        "an image of a animal", seed=0, iterations=args.iterations, lr=1e-5,
+                        batch=args.batch, alpha=0.5)  # fmt: skip
+
+    times = {"trainer": [], "reference": []}
+    for _ in range(args.rounds):
+        began = time.perf_counter()
+        engine = Engine.from_settings(load_pipeline(model), {args.method: settings}, target="cat",
+                                      split=split, seed=0, references=references)  # fmt: skip
+        engine.train(progress=False)
+        times["trainer"].append((time.perf_counter() - began) / args.iterations)
+        began = time.perf_counter()
+        reference()
+        times["reference"].append((time.perf_counter() - began) / args.iterations)
+    ratios = [r / t for t, r in zip(times["trainer"], times["reference"], strict=True)]
+    out = {side: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
+           for side, v in times.items()}  # fmt: skip
+    out["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
