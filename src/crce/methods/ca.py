@@ -33,6 +33,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..seeds import derive_seed
 from .base import IterativeMethod, IterativeSettings, ReferenceRequest
 
 # CA-style captions that hold the anchor's word (its LLM prompt asks for "captions for images
@@ -220,7 +221,6 @@ class AblationObjective:
         from diffusers import DDPMScheduler
 
         from ..modeling import encode_prompts
-        from ..seeds import derive_seed
 
         ((self.name, self.method),) = methods.items()
         self.engine = engine
@@ -239,14 +239,13 @@ class AblationObjective:
         self.instances = torch.randperm(n, generator=shuffle)
         self.epochs: dict[int, torch.Tensor] = {}
         self.mask = interior_mask(*self.latents.shape[-2:]).to(engine.device)
-        self._derive = derive_seed
 
     def order(self, epoch: int):
         """The data loader's order of the dataset in `epoch` (a fresh shuffle each epoch)."""
         import torch
 
         if epoch not in self.epochs:
-            seed = self._derive("ca-epoch", self.engine.seed, epoch)
+            seed = derive_seed("ca-epoch", self.engine.seed, epoch)
             generator = torch.Generator().manual_seed(seed)
             self.epochs[epoch] = torch.randperm(len(self.latents), generator=generator)
         return self.epochs[epoch]

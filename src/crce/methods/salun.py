@@ -30,6 +30,7 @@ import math
 
 from pydantic import Field
 
+from ..seeds import derive_seed
 from .base import IterativeMethod, IterativeSettings, ParamSet, ReferenceRequest
 from .ca import anchor_for
 
@@ -120,12 +121,11 @@ class RandomLabelObjective:
         from diffusers import DDPMScheduler
 
         from ..modeling import encode_prompts
-        from ..seeds import derive_seed
         from ..training import TrainingError
 
         ((self.name, self.method),) = methods.items()
         method, s = self.method, self.method.settings
-        self.engine, self.last_step, self._derive = engine, {}, derive_seed
+        self.engine, self.last_step = engine, {}
         missing = [n for n in ("forget", "remain") if n not in engine.references]
         if missing:
             raise TrainingError(f"{method.target}: SalUn's {' and '.join(missing)} images "
@@ -170,7 +170,7 @@ class RandomLabelObjective:
         b, g = s.batch_size, s.mask_guidance
         for start in range(0, len(self.forget), b):
             generator = torch.Generator().manual_seed(
-                self._derive("salun-mask", engine.seed, start // b)
+                derive_seed("salun-mask", engine.seed, start // b)
             )
             latents = self.forget[start : start + b]
             noisy, noise, t = self.noised(latents, generator)
@@ -197,7 +197,7 @@ class RandomLabelObjective:
         cycle, batch = divmod(step, self.remain_batches)
         key = (epoch, cycle)
         if key not in self.orders:
-            seed = self._derive("salun-remain", self.engine.seed, epoch, cycle)
+            seed = derive_seed("salun-remain", self.engine.seed, epoch, cycle)
             self.orders[key] = torch.randperm(len(self.remain),
                                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
         return self.orders[key][batch * b : (batch + 1) * b].tolist()
