@@ -25,7 +25,8 @@ def official_mask(gradients: dict, share: float) -> dict:
     gradients = {k: torch.abs(v) for k, v in gradients.items()}
     all_elements = -torch.cat([t.flatten() for t in gradients.values()])
     threshold_index = int(len(all_elements) * share)
-    positions = torch.argsort(all_elements)
+    # The official argsort is torch's default; stable here, so that ties rank by position.
+    positions = torch.argsort(all_elements, stable=True)
     ranks = torch.argsort(positions)
     hard, start = {}, 0
     for key, tensor in gradients.items():

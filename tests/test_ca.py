@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 from reference_ca import train_ca
 
-from crce.methods.ca import AnchorError, CaSettings, ConceptAblation, anchor_for
+from crce.methods.ca import AnchorError, CaSettings, ConceptAblation, anchor_for, overlaps
 from crce.modeling import load_pipeline
 from crce.references import ReferenceSet
 from crce.training import TrainingError
@@ -77,6 +78,27 @@ def test_an_anchor_that_is_a_coref_is_refused_naming_the_concept(tiny_model, cat
     ):
         Engine.from_settings(pipe, {"ca": {"strategy": "ca", "precision": "float32"}},
                              target="cat", split=cat_split, seed=0, references=references)  # fmt: skip
+
+
+def test_a_job_without_the_anchor_images_says_so_naming_the_concept(tiny_model, cat_split):
+    with pytest.raises(TrainingError, match=r"cat: CA's anchor images were not given"):
+        Engine.from_settings(load_pipeline(tiny_model),
+                             {"ca": {"strategy": "ca", "precision": "float32"}},
+                             target="cat", split=cat_split, seed=0, references={})  # fmt: skip
+
+
+def test_a_caption_without_the_anchor_is_refused_naming_it():
+    with pytest.raises(ValidationError, match=r"lack it: \['a photo'\]"):
+        CaSettings(strategy="ca", anchor_prompts=("a photo of a {anchor}", "a photo"))
+
+
+@pytest.mark.parametrize(
+    ("anchor", "target", "expected"),
+    [("cat", "Grumpy Cat", True), ("man", "Batman", False), ("man", "Iron Man", True),
+     ("dog", "hotdog stand", False), ("golden retriever", "a golden retriever puppy", True)],
+)  # fmt: skip
+def test_prior_preservation_follows_whole_words(anchor, target, expected):
+    assert overlaps(anchor, target) is expected
 
 
 def test_concepts_with_one_anchor_share_one_image_set(tmp_path):

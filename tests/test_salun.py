@@ -82,6 +82,17 @@ def test_the_mask_keeps_the_largest_half_of_a_hand_made_gradient():
     assert ours["b"].tolist() == [False, True, False, True, False, True]
 
 
+def test_the_mask_keeps_exactly_half_when_most_gradients_are_zero():
+    """A UNet whose later layers get no gradient: the zeros tie at the threshold, and the
+    mask still keeps share x N entries, the nonzero ones first, as the official ranks do."""
+    gradients = {"a": torch.tensor([0.0, 3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 0.0, 1.0, 0.0])}
+    ours = saliency_mask(gradients, 0.5)
+    official = official_mask(gradients, 0.5)
+    assert sum(int(m.sum()) for m in ours.values()) == 4
+    assert all(torch.equal(ours[k], official[k].bool()) for k in gradients)
+    assert ours["a"][1] and ours["b"][2]
+
+
 def test_the_sparse_delta_round_trips_into_the_unet(tiny_model, cat_split, tmp_path):
     engine, _ = salun_engine(tiny_model, cat_split, iterations=2)
     engine.train(progress=False)

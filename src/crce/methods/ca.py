@@ -5,7 +5,7 @@ CA fine-tunes attn2 K/V so that the target's prompt predicts, on images of an *a
 concept (the target's category: "Grumpy Cat" -> "cat"), what the anchor's prompt predicts:
 the model-based loss `|eps(x_t, c_target) - sg(eps(x_t, c_anchor))|^2` (train.py L1096-1149,
 the anchor prediction by the model being trained, under no_grad), or, as a knob, the
-noise-based one `|eps(x_t, c_target) - eps|^2`. When the anchor's text is in the target's
+noise-based one `|eps(x_t, c_target) - eps|^2`. When the anchor's words are words of the target's
 ("grumpy cat" holds "cat") its README adds `--with_prior_preservation`: the anchor's images
 under the anchor's prompts keep denoising (`prior_loss_weight` x MSE to the noise).
 
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..seeds import derive_seed
 from .base import IterativeMethod, IterativeSettings, ReferenceRequest
@@ -78,8 +79,8 @@ class CaSettings(IterativeSettings):
     )
     prior_preservation: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="the anchor images' own denoising loss: `auto` when the anchor's text is in "
-        "the target's (official README), `on`, `off`",
+        description="the anchor images' own denoising loss: `auto` when the anchor's words are "
+        "whole words of the target's (official README), `on`, `off`",
     )
     prior_loss_weight: float = Field(1.0, ge=0, description="its weight (official 1.0)")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (official 1e-2)")
@@ -104,6 +105,16 @@ class CaSettings(IterativeSettings):
     )
     anchor_steps: int = Field(25, ge=1, description="their DPM-Solver steps (official 25)")
     anchor_guidance: float = Field(6.0, description="their guidance scale (official 6.0)")
+
+    @field_validator("anchor_prompts")
+    @classmethod
+    def _each_holds_the_anchor(cls, prompts):
+        # The target's prompt is the caption with the anchor replaced (utils.py L197-199): a
+        # caption without it would train the target on a prompt that does not name it.
+        missing = [p for p in prompts if "{anchor}" not in p]
+        if missing:
+            raise ValueError(f"each caption needs `{{anchor}}`; these lack it: {missing}")
+        return prompts
 
 
 @lru_cache(maxsize=8)
@@ -140,7 +151,9 @@ def anchor_for(path: str, concept: dict) -> str:
 
 
 def overlaps(anchor: str, target: str) -> bool:
-    return anchor.casefold() in target.casefold()
+    """The anchor's words are words of the target's ("grumpy cat" holds "cat"; "Batman"
+    does not hold "man")."""
+    return re.search(rf"\b{re.escape(anchor.casefold())}\b", target.casefold()) is not None
 
 
 class ConceptAblation(IterativeMethod):
@@ -176,10 +189,6 @@ class ConceptAblation(IterativeMethod):
         super().prepare(engine)
         from ..training import TrainingError
 
-        found = engine.references.get("anchor")
-        if found is None:
-            raise TrainingError(f"{self.target}: CA's anchor images were not given to the job")
-        self.anchor = found.extra["anchor"]
         corefs = {i.text.casefold() for _, i in self.split.items("coref")} if self.split else set()
         if self.anchor.casefold() in corefs:
             raise TrainingError(
@@ -221,12 +230,16 @@ class AblationObjective:
         from diffusers import DDPMScheduler
 
         from ..modeling import encode_prompts
+        from ..training import TrainingError
 
         ((self.name, self.method),) = methods.items()
         self.engine = engine
         self.last_step = {}
-        found = engine.references["anchor"]
-        anchor = found.extra["anchor"]
+        found = engine.references.get("anchor")
+        if found is None:
+            raise TrainingError(f"{self.method.target}: CA's anchor images were not given to "
+                                "the job")  # fmt: skip
+        self.method.anchor = anchor = found.extra["anchor"]
         self.latents = found.latents.to(engine.device, engine.dtype)
         self.anchor_prompts = found.prompts
         self.target_prompts = [p.replace(anchor, self.method.target) for p in found.prompts]

@@ -103,16 +103,25 @@ class Salun(IterativeMethod):
 
 
 def saliency_mask(gradients: dict, share: float) -> dict:
-    """1 on the top `share` of |gradient| entries over all tensors (ties at the threshold
-    kept), 0 elsewhere (generate_mask.py L84-107 ranks them all)."""
+    """1 on exactly the top `share` of |gradient| entries over all tensors, 0 elsewhere
+    (generate_mask.py L84-107 ranks them all by argsort and keeps the ranks below share x N).
+    Ties at the threshold are broken by position in the tensors' order, as a stable sort
+    would: a UNet whose gradients are mostly zero still keeps exactly share x N entries."""
     import torch
 
     flat = torch.cat([g.abs().flatten() for g in gradients.values()])
     keep = int(len(flat) * share)
-    if keep == 0:
-        return {n: torch.zeros_like(g, dtype=torch.bool) for n, g in gradients.items()}
-    threshold = torch.kthvalue(flat, len(flat) - keep + 1).values  # the keep-th largest
-    return {n: g.abs() >= threshold for n, g in gradients.items()}
+    chosen = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+    if keep > 0:
+        threshold = torch.kthvalue(flat, len(flat) - keep + 1).values  # the keep-th largest
+        chosen = flat > threshold
+        ties = (flat == threshold).nonzero().flatten()
+        chosen[ties[: keep - int(chosen.sum())]] = True
+    masks, start = {}, 0
+    for name, g in gradients.items():
+        masks[name] = chosen[start : start + g.numel()].view(g.shape)
+        start += g.numel()
+    return masks
 
 
 class RandomLabelObjective:
