@@ -1,4 +1,4 @@
-"""ESD-u, SLD, RECE and SPEED (CA, SalUn: tests/test_ca.py, test_salun.py) against independent references that import nothing of them."""
+"""ESD-u, SLD, RECE and SPEED (CA, SalUn, FMN: tests/test_ca.py, test_salun.py, test_fmn.py) against independent references that import nothing of them."""
 
 import json
 
@@ -219,16 +219,16 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
     baselines = yaml.safe_load((REPO / "config" / "baselines.yaml").read_text())["methods"]
     cat = world.subset("cat")  # their jobs on the one concept the assertions read
     # CA's anchor images: one set per anchor (cat and bat (animal) share "animal"'s); SalUn's
-    # forget and remain images: two per concept
-    assert world.plan("models", methods=baselines)["reference_images"] == 3 + 2 * 4
+    # forget and remain images: two per concept; FMN's images of the target: one per concept
+    assert world.plan("models", methods=baselines)["reference_images"] == 3 + 2 * 4 + 4
     plan = world.plan("table1", sheet=cat, methods=baselines)
-    assert plan["erase"] == 6 and plan["sample"] == 7  # SLD samples, trains nothing
-    assert plan["reference_images"] == 3
+    assert plan["erase"] == 7 and plan["sample"] == 8  # SLD samples, trains nothing
+    assert plan["reference_images"] == 4
     exports = ["results/export/sld/cat", "results/export/spm/cat"]
     result = snakemake(world.work, "table1", *exports, *world.args(sheet=cat, methods=baselines))
     assert result.returncode == 0, result.stdout[-3000:]
     table = pd.read_csv(world.work / "results" / "table1.csv").set_index("method")
-    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM", "CA", "SalUn"):
+    for label in ("ESD-u", "SLD", "RECE", "SPEED", "SPM", "CA", "SalUn", "FMN"):
         assert table.loc[label].between(0, 100).all(), label
     assert not (world.work / "results" / "models" / "sld").exists()
     from diffusers import DiffusionPipeline
@@ -258,5 +258,9 @@ def test_the_cheap_baselines_have_their_rows_in_the_test_world(test_world, tmp_p
         m for m in (world.work / "results/references").glob("*/manifest.parquet")
         if pd.read_parquet(m)["prompt"].str.startswith("an image of a").all()
         and "an image of a cat" not in set(pd.read_parquet(m)["prompt"])))  # fmt: skip
+    fmn = world.work / "results/models/fmn/cat/delta.safetensors"
+    assert delta_record(str(fmn))["prompt"] == "a photo of <s1><s2><s3><s4>"  # its inversion
+    with safe_open(str(fmn), "pt") as stored:
+        assert "conv_out.weight" not in stored.keys()  # no gradient reaches it: not stored
     split = json.loads((world.work / "results/splits/cat.json").read_text())
     assert set(remain["prompt"]) == {f"an image of a {i['text']}" for i in split["retain_train"]}

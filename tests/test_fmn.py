@@ -120,3 +120,9 @@ def test_a_job_without_the_target_images_says_so_naming_the_concept(tiny_model, 
         Engine.from_settings(load_pipeline(tiny_model),
                              {"fmn": {"strategy": "fmn", "precision": "float32"}},
                              target="cat", split=cat_split, seed=0, references={})  # fmt: skip
+
+
+def test_a_prompt_that_truncates_the_concept_away_is_refused_naming_it(tiny_model, cat_split):
+    long = "a " * 20 + "{}"
+    with pytest.raises(TrainingError, match=r"cat: none of its tokens is in .* after truncation"):
+        fmn_engine(tiny_model, cat_split, use_ti=False, use_pooler=False, prompt=long)
