@@ -1,10 +1,12 @@
-"""CA and SalUn: the engine's trainer vs the official loop's pattern (tests/reference_ca.py,
-tests/reference_salun.py: a deep-copied UNet, prompts encoded at every step, separate calls),
-whole runs (SalUn's mask pass included) of the same iterations on the same latents, the two
-sides alternated in one process so the machine's noise hits both alike.
+"""CA, SalUn and FMN: the engine's trainer vs the official loop's pattern (tests/reference_ca.py,
+tests/reference_salun.py, tests/reference_fmn.py: a deep-copied UNet, prompts encoded at every
+step, separate calls), whole runs (SalUn's mask pass, FMN's inversion of as many steps
+included) of the same iterations on the same latents, the two sides alternated in one process
+so the machine's noise hits both alike.
 
     python bench/fine_tune_step.py --method ca --rounds 5 --iterations 20      # tiny CPU model
     python bench/fine_tune_step.py --method salun --rounds 5 --iterations 20
+    python bench/fine_tune_step.py --method fmn --rounds 5 --iterations 20     # batch 1
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import make_cat_split  # noqa: E402
 from reference_ca import train_ca  # noqa: E402
+from reference_fmn import forget, invert  # noqa: E402
 from reference_salun import train_salun  # noqa: E402
 
 from crce.modeling import load_pipeline  # noqa: E402
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--method", choices=["ca", "salun"], default="ca")
+    parser.add_argument("--method", choices=["ca", "salun", "fmn"], default="ca")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", seed=0))
@@ -52,6 +55,11 @@ def main() -> None:
     if args.method == "ca":
         references = {"anchor": ReferenceSet(latents, {"prompts": PROMPTS, "images_per_prompt": 10,
                                                        "extra": {"anchor": "animal"}})}  # fmt: skip
+    elif args.method == "fmn":
+        args.batch = 1  # its official batch; the loop's pattern has no other
+        latents = latents[:10]
+        references = {"instances": ReferenceSet(latents, {"prompts": ["a photo of cat"],
+                                                          "images_per_prompt": 10})}  # fmt: skip
     else:
         references = {
             "forget": ReferenceSet(latents, {"prompts": ["an image of a cat"], "images_per_prompt": 100}),
@@ -60,12 +68,19 @@ def main() -> None:
         }  # fmt: skip
     settings = {"strategy": args.method, "iterations": args.iterations, "batch_size": args.batch,
                 "precision": "float32"}  # fmt: skip
+    if args.method == "fmn":
+        settings["ti_iterations"] = args.iterations
     split = make_cat_split()
 
     def reference():
         if args.method == "ca":
             train_ca(load_pipeline(model), latents, references["anchor"].prompts, "animal", "cat",
                      seed=0, iterations=args.iterations, lr=2e-6, batch=args.batch, prior=False)  # fmt: skip
+        elif args.method == "fmn":
+            pipe = load_pipeline(model)
+            tokenizer, encoder, _ = invert(pipe, latents, "cat", seed=0, steps=args.iterations)
+            forget(pipe, latents, "a photo of <s1><s2><s3><s4>", "<s1><s2><s3><s4>", seed=0,
+                   steps=args.iterations, lr=2e-6, tokenizer=tokenizer, encoder=encoder)  # fmt: skip
         else:
             f, r = references["forget"], references["remain"]
             train_salun(load_pipeline(model), f.latents, f.prompts, r.latents, r.prompts,
