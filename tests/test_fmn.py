@@ -34,6 +34,8 @@ def test_textual_inversion_matches_the_official_table_resize_in_fp32(tiny_model)
     pipe = load_pipeline(tiny_model)
     latents = instances(pipe).latents
     settings = FmnSettings(strategy="fmn", ti_iterations=3)
+    table = pipe.text_encoder.get_input_embeddings()
+    before = table.weight.detach().clone()
     ours = ours_invert(pipe, latents, "cat", settings, seed=5)
     *_, naive = invert(load_pipeline(tiny_model), latents, "cat", seed=5, steps=3)
     start = pipe.text_encoder.get_input_embeddings().weight[
@@ -41,8 +43,10 @@ def test_textual_inversion_matches_the_official_table_resize_in_fp32(tiny_model)
     ]
     assert not torch.allclose(naive[0], start)  # it trained
     torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
-    # the base table is untouched and the pipe's encoder is its own again
-    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == len(pipe.tokenizer)
+    # the pipe's encoder reads its own table again, unchanged; its tokenizer knows no <s1>
+    assert pipe.text_encoder.get_input_embeddings() is table
+    assert torch.equal(table.weight, before)
+    assert "<s1>" not in pipe.tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize("use_ti", [True, False])
@@ -66,6 +70,22 @@ def test_three_steps_match_the_naive_official_loop_in_fp32(tiny_model, cat_split
         torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=1e-5)
         moved += not torch.equal(tensor, base[name].detach())
     assert moved > 0
+
+
+def test_gradient_checkpointing_trains_the_same_tensors(tiny_model, cat_split):
+    from crce.settings import TrainRuntime
+
+    plain, _ = fmn_engine(tiny_model, cat_split, use_ti=False)
+    plain.train(progress=False)
+    pipe = load_pipeline(tiny_model)
+    checkpointed = Engine.from_settings(
+        pipe, {"fmn": {"strategy": "fmn", "iterations": 3, "lr": 1e-3, "use_ti": False,
+                       "precision": "float32"}}, target="cat", split=cat_split, seed=5,
+        references={"instances": instances(pipe)},
+        runtime=TrainRuntime(gradient_checkpointing=True))  # fmt: skip
+    checkpointed.train(progress=False)
+    ours, theirs = plain.tensors()["fmn"], checkpointed.tensors()["fmn"]
+    assert all(torch.allclose(ours[n], theirs[n], atol=1e-6) for n in ours)
 
 
 def test_the_positions_are_the_concept_tokens_and_every_end_token(tiny_model):

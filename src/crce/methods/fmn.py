@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -55,13 +57,20 @@ class FmnSettings(IterativeSettings):
     lr: float = Field(2e-6, gt=0, description="AdamW learning rate (configs/attn.yaml 2e-6)")
     iterations: int = Field(35, ge=1, description="optimiser steps (configs/attn.yaml 35)")
     batch_size: int = Field(1, ge=1, description="images per step (configs/attn.yaml 1)")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="`float32` (both official stages: `mixed_precision: null`, and fp32 "
+        "inversion) or `bfloat16` (weights loaded in bf16: a delta of the whole UNet then "
+        "carries bf16 rounding larger than 35 steps at 2e-6 move it)",
+    )
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (official 1e-2)")
     max_grad_norm: float | None = Field(
         None,
         gt=0,
         description="gradient clipping: none, as the code runs with the whole UNet (its "
         "clip_grad_norm_ gets the generator the optimiser already consumed, "
-        "train_attn.py L394-395, L568-569); its configured 1.0 applies with `xattn`",
+        "train_attn.py L394-395, L568-569); set 1.0 (its configured value, which the code "
+        "applies with `only_optimize_ca`) with `params: xattn`",
     )
     use_pooler: bool = Field(
         True, description="the <|endoftext|> positions count as the concept's (official true)"
@@ -243,7 +252,7 @@ class AttentionRecorder:
     keeping each call's probabilities at the concept's positions."""
 
     def __init__(self, positions):
-        self.positions = positions  # (batch, tokens) bool
+        self.positions = positions  # (tokens,) bool, the same for every image of a batch
         self.kept = []
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -257,25 +266,18 @@ class AttentionRecorder:
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, attention_mask)
-        # head_to_batch_dim is batch-major: rows b*heads .. (b+1)*heads-1 are image b's
-        mask = self.positions.to(probs.device).repeat_interleave(attn.heads, dim=0)[:, None, :]
-        self.kept.append(probs.masked_select(mask))
+        self.kept.append(probs[..., self.positions.to(probs.device)].flatten())
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-@contextlib.contextmanager
-def recording(unet, recorder):
-    """Every attn2 of `unet` through `recorder`, its own processors back on exit."""
-    modules = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
-    before = {n: m.processor for n, m in modules.items()}
-    for module in modules.values():
+def record_attention(unet, recorder) -> int:
+    """Every attn2 of `unet` through `recorder` from now on (for the job's life: gradient
+    checkpointing recomputes the forward inside backward, so the processors must stay)."""
+    modules = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    for module in modules:
         module.set_processor(recorder)
-    try:
-        yield recorder
-    finally:
-        for name, module in modules.items():
-            module.set_processor(before[name])
+    return len(modules)
 
 
 class ForgetMeNot(IterativeMethod):
@@ -311,10 +313,15 @@ class ForgetMeNot(IterativeMethod):
         import torch
         from safetensors.torch import load_file, save_file
 
+        from ..constants import TRAINER_VERSION
+
         s = self.settings
-        key = json.dumps({"seed": self.seed, "target": self.target, "images": len(latents),
+        images = hashlib.sha256(latents.float().cpu().numpy().tobytes()).hexdigest()
+        key = json.dumps({"seed": self.seed, "target": self.target, "images": images,
                           **{k: v for k, v in s.as_params().items() if k.startswith("ti_")},
-                          "prompt": s.prompt})  # fmt: skip
+                          "prompt": s.prompt, "precision": s.precision,
+                          "dtype": str(job.pipe.unet.dtype),
+                          "trainer_version": TRAINER_VERSION})  # fmt: skip
         path = Path(job.checkpoint_dir) / "ti.safetensors" if job.checkpoint_dir else None
         if path and path.exists():
             from safetensors import safe_open
@@ -383,6 +390,9 @@ class AttentionObjective:
             raise TrainingError(f"{method.target}: none of its tokens is in {method.prompt!r} "
                                 "after truncation (a longer prompt than the text encoder reads)")  # fmt: skip
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.recorder = AttentionRecorder(method.positions)
+        if not record_attention(engine.unet, self.recorder):
+            raise TrainingError(f"{method.target}: FMN found no attn2 layer in the UNet")
 
     def items(self, iteration: int, batch_size: int) -> list[int]:
         n = len(self.latents)
@@ -395,7 +405,7 @@ class AttentionObjective:
     def losses(self, iteration: int):
         import torch
 
-        engine, method, s = self.engine, self.method, self.method.settings
+        engine, s = self.engine, self.method.settings
         items = self.items(iteration, s.batch_size)
         generator = engine.generator(iteration)
         latents = self.latents[items]
@@ -404,8 +414,7 @@ class AttentionObjective:
         timesteps = torch.randint(0, steps, (len(items),), generator=generator)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         context = self.context.expand(len(items), -1, -1)
-        positions = method.positions[None].expand(len(items), -1)
-        with recording(engine.unet, AttentionRecorder(positions)) as recorder:
-            engine.predict(noisy, timesteps.to(engine.device), context, [len(items)])
+        self.recorder.kept.clear()  # (a checkpointed backward appends its recomputation)
+        engine.predict(noisy, timesteps.to(engine.device), context, [len(items)])
         self.last_step = {"items": items}
-        return {self.name: torch.cat(recorder.kept).to(engine.dtype).norm()}
+        return {self.name: torch.cat(self.recorder.kept).to(engine.dtype).norm()}
