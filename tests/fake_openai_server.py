@@ -88,6 +88,21 @@ class Fake:
             if behaviour == "names_target":
                 prompts[0] = f"a {concept} in a field"
             return json.dumps({"prompts": prompts})
+        asked = re.search(
+            r"mapping it to a more general anchor.*?write (\d+) different", text, re.DOTALL
+        )
+        if asked:  # Concept Ablation's anchor: "animal" for anything, or a bad answer
+            n, concept = int(asked.group(1)), re.search(r'concept "([^"]+)"', text).group(1)
+            if os.environ.get("FAKE_BAD_ANCHOR") == concept:  # never a usable anchor
+                behaviour = "anchor_target"
+            anchor = {"anchor_target": concept, "anchor_long": "a very general kind of thing"}
+            anchor = anchor.get(behaviour, "animal")
+            return json.dumps(
+                {
+                    "anchor": anchor,
+                    "captions": [f"a photo of a {anchor} number {i}" for i in range(n)],
+                }
+            )
         match = re.search(r'erasing the concept "([^"]+)"', text)
         return list_answer(behaviour, match.group(1) if match else "thing")
 

@@ -143,3 +143,39 @@ def test_every_concept_of_the_paper_and_the_worlds_has_an_anchor():
         for concept in load_sheet(sheet):
             anchor = anchor_for(anchors, {"id": concept.id, "text": concept.text})
             assert anchor.casefold() != concept.text.casefold()
+
+
+@pytest.mark.slow
+def test_an_llm_anchor_trains_ca_and_a_concept_without_one_fails_alone(test_world, tmp_path):
+    """`anchors: llm`: the `anchor` job asks the (fake) LLM, CA trains on the LLM's anchor and
+    captions; a concept the LLM gives no usable anchor for after its re-asks fails its own
+    job with an error naming it, and the other concept's model is made (--keep-going)."""
+    import json
+    import os
+
+    import pandas as pd
+    from helpers import snakemake
+
+    from crce.deltas import delta_record
+
+    world = test_world.copy(tmp_path / "world")
+    sheet = world.subset("cat", "Beyoncé")
+    methods = {"ca": {"strategy": "ca", "label": "CA", "anchors": "llm", "anchor_captions": 3}}
+    plan = world.plan("models", sheet=sheet, methods=methods)
+    assert (plan["anchor"], plan["reference_images"], plan["erase"]) == (2, 2, 2)
+    env = {**os.environ, "FAKE_BAD_ANCHOR": "Beyoncé"}
+    result = snakemake(world.work, "--keep-going", "models",
+                       *world.args(sheet=sheet, methods=methods), env=env)  # fmt: skip
+    assert result.returncode != 0
+    failed = (world.work / "logs/anchors/beyonce.log").read_text()
+    assert "concept 'Beyoncé' (beyonce) anchor: no valid answer after" in failed
+    assert "is the target 'Beyoncé' itself" in failed
+    assert not (world.work / "results/models/ca/beyonce").exists()
+    found = json.loads((world.work / "results/anchors/cat.json").read_text())
+    assert found["anchor"] == "animal" and found["provenance"]["source"] == "llm"
+    record = delta_record(str(world.work / "results/models/ca/cat/delta.safetensors"))
+    assert record["anchor"] == "animal"
+    drawn = [
+        pd.read_parquet(m) for m in (world.work / "results/references").glob("*/manifest.parquet")
+    ]
+    assert any(set(d["prompt"]) == set(found["captions"]) for d in drawn)  # the LLM's captions

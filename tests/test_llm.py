@@ -156,6 +156,40 @@ def test_paraphrases_never_name_the_target_or_a_coref(fake_server):
     assert any("exactly 4" in p for p in problems) and any("flying mammal" in p for p in problems)
 
 
+def test_an_anchor_is_a_short_phrase_that_is_neither_the_target_nor_a_coref(fake_server):
+    from crce.llm import generate_anchor
+
+    server = fake_server(["anchor_target", "anchor_long", "good"])
+    found, raw, attempts = generate_anchor(CAT, ["flying mammal"], 3, SETTINGS, runtime(),
+                                           server.base_url)  # fmt: skip
+    assert attempts == 3 and requests_seen(server) == 3  # the target, then 6 words: re-asked
+    assert found["anchor"] == "animal" and len(found["captions"]) == 3
+    assert all("animal" in c for c in found["captions"])
+
+
+def test_no_anchor_after_the_re_asks_is_an_error_naming_the_concept(fake_server):
+    from crce.llm import LLMError, generate_anchor
+
+    server = fake_server(["anchor_target"] * 10)
+    with pytest.raises(LLMError, match=r"concept 'bat \(animal\)' \(bat-animal\) anchor: no "
+                                       r"valid answer after \d+ attempts.*is the target"):  # fmt: skip
+        generate_anchor(CAT, [], 3, SETTINGS, runtime(), server.base_url)
+
+
+def test_anchor_rules():
+    from crce.llm import _Anchor, anchor_violations
+
+    def problems(anchor, captions, corefs=()):
+        return anchor_violations(_Anchor(anchor=anchor, captions=captions), 2, "Grumpy Cat",
+                                 list(corefs))  # fmt: skip
+
+    assert problems("cat", ["a cat", "a cat asleep"]) == []
+    assert any("target" in p for p in problems("the grumpy cat", ["the grumpy cat", "x"]))
+    assert any("means the target" in p for p in problems("Tard", ["Tard 1", "Tard 2"], ["tard"]))
+    assert any("does not contain" in p for p in problems("cat", ["a cat", "a dog"]))
+    assert any("exactly 2" in p for p in problems("cat", ["a cat"]))
+
+
 def test_a_server_that_wants_a_key_fails_at_once_naming_the_variable(tmp_path, monkeypatch):
     """A started vLLM inherits VLLM_API_KEY and then checks keys on /v1: the readiness probe
     sends the key the config names, and a 401 is an error in seconds, not a wait for the whole

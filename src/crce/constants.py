@@ -27,3 +27,4 @@ LIST_PROMPT_VERSION = "appendix-a-v1"  # the LLM prompt for the lists (crce.llm)
 #   (`scheduler.timesteps[int(i/50*1000)]`, srcs/ours_tools.py of the CRCE code), i ~
 #   U{1..ddim_steps-2}, randomness per (seed, concept, iteration), official sphere/RealEra.
 TRAINER_VERSION = 2
+LLM_ANCHORS = "llm"  # a method's `anchors` value that asks the LLM (crce.anchors)

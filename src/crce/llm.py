@@ -326,6 +326,101 @@ def generate_paraphrases(
     )  # fmt: skip
 
 
+# Concept Ablation's anchor (its category: "Grumpy Cat" -> "cat") and its captions, as CA asks
+# an LLM for "captions for images containing a {anchor}" (concept-ablation utils.py L371-589).
+ANCHOR_PROMPT = """\
+We are erasing the concept "{concept}" (category: {category}) from a text-to-image model by \
+mapping it to a more general anchor concept that the model keeps drawing.
+
+1. Anchor: give the general category "{concept}" belongs to, as a short phrase of 1 to 4 \
+words (for "Grumpy Cat": "cat"; for a celebrity: "man" or "woman"). It must not be \
+"{concept}" itself nor any of these phrases that mean it: {banned}.
+2. Captions: write {n} different short captions of images that contain the anchor; every \
+caption must contain the anchor phrase exactly as you wrote it.
+
+Answer with a JSON object of the form {{"anchor": "...", "captions": ["...", ...]}} with \
+exactly {n} captions."""
+
+
+class _Anchor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    anchor: str
+    captions: list[str]
+
+
+def anchor_violations(answer: _Anchor, n: int, concept: str, corefs: list[str]) -> list[str]:
+    """An anchor is a phrase of 1-4 words, not the target, not a coref (compared
+    `normalised`); each of exactly `n` distinct captions holds it verbatim."""
+    problems = []
+    anchor = answer.anchor.strip()
+    words = len(anchor.split())
+    if not 1 <= words <= 4:
+        problems.append(f"the anchor {anchor!r} has {words} words, it needs 1 to 4")
+    bare = normalised(anchor)
+    if bare == normalised(concept):
+        problems.append(f"the anchor {anchor!r} is the target {concept!r} itself")
+    meant = [c for c in corefs if normalised(c) == bare]
+    if meant:
+        problems.append(f"the anchor {anchor!r} is {meant[0]!r}, a phrase that means the target")
+    captions = [c.strip() for c in answer.captions]
+    if len(captions) != n:
+        problems.append(f"'captions' has {len(captions)} items, it needs exactly {n}")
+    if len({c.casefold() for c in captions}) != len(captions) or any(not c for c in captions):
+        problems.append("'captions' has empty or repeated items")
+    lacking = [c for c in captions if anchor and anchor not in c]
+    if lacking:
+        problems.append(f"{lacking[0]!r} does not contain the anchor {anchor!r} as written")
+    return problems
+
+
+def generate_anchor(
+    concept: Concept,
+    corefs: list[str],
+    n: int,
+    settings: ListSettings,
+    runtime: LlmRuntime,
+    base_url: str | None,
+) -> tuple[dict, str, int]:
+    """The concept's anchor and `n` captions holding it (validated, re-asked); returns
+    ({"anchor", "captions"}, raw answer, attempts)."""
+    banned = ", ".join(f'"{c}"' for c in corefs) or "(none)"
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": ANCHOR_PROMPT.format(
+                concept=concept.text, category=concept.category, banned=banned, n=n
+            ),
+        },
+    ]
+    schema = {
+        "type": "object",
+        "properties": {
+            "anchor": {"type": "string"},
+            "captions": {"type": "array", "items": {"type": "string"}, "minItems": n,
+                         "maxItems": n},
+        },
+        "required": ["anchor", "captions"],
+        "additionalProperties": False,
+    }  # fmt: skip
+
+    def check(raw):
+        try:
+            answer = parse_answer(raw, _Anchor)
+        except ValueError as err:
+            raise ValueError(
+                f'the answer is not {{"anchor": ..., "captions": [...]}}: {err}'
+            ) from err
+        found = {"anchor": answer.anchor.strip(), "captions": [c.strip() for c in answer.captions]}
+        return found, anchor_violations(answer, n, concept.text, corefs)
+
+    return ask_validated(
+        messages, check, where=f"concept {concept.text!r} ({concept.id}) anchor",
+        settings=settings, runtime=runtime, base_url=base_url, schema_name="anchor",
+        schema=schema,
+    )  # fmt: skip
+
+
 def _by_certainty(items: list[Item]) -> list[Item]:
     """Most certain first (the prompt asks for it; a stable sort enforces it)."""
     order = list(CERTAINTY_WEIGHTS)

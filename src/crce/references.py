@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .methods import ReferenceRequest
 from .settings import SampleSettings
@@ -49,7 +50,7 @@ def request_params(request: ReferenceRequest, *, model: str, sample: SampleSetti
     if request.from_split:
         from_split = {"concept": concept_id, "group": request.from_split,
                       "template": request.template}  # fmt: skip
-    return {
+    params = {
         "model": model,
         "prompts": list(request.prompts),
         "images_per_prompt": request.images_per_prompt,
@@ -62,6 +63,10 @@ def request_params(request: ReferenceRequest, *, model: str, sample: SampleSetti
         "extra": json.loads(json.dumps(request.extra)),
         "split": from_split,
     }
+    if request.from_anchor:  # only then: the keys of every other set stay what they were
+        params["anchor"] = {"concept": concept_id, "key": request.from_anchor,
+                            "captions": request.anchor_captions}  # fmt: skip
+    return params
 
 
 def split_file(params: dict) -> str | None:
@@ -69,8 +74,26 @@ def split_file(params: dict) -> str | None:
     return f"results/splits/{params['split']['concept']}.json" if params.get("split") else None
 
 
-def resolved_prompts(params: dict, split_path: str | None = None) -> dict:
-    """The params with the prompts a split gives (unchanged without one)."""
+def anchor_file(params: dict) -> str | None:
+    """The LLM anchor a set reads (None for a set without one)."""
+    return f"results/anchors/{params['anchor']['concept']}.json" if params.get("anchor") else None
+
+
+def read_anchor(path: str | None) -> dict:
+    """An `anchor` job's answer (crce.anchors)."""
+    if not path or not Path(path).is_file():
+        raise ValueError(f"the LLM's anchor file {path} is missing: rerun its `anchor` job")
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def resolved_prompts(params: dict, split_path: str | None = None,
+                     anchor_path: str | None = None) -> dict:  # fmt: skip
+    """The params with what the LLM's anchor and the split give (unchanged without them)."""
+    if params.get("anchor"):
+        spec, found = params["anchor"], read_anchor(anchor_path)
+        params = {**params, "extra": {**params["extra"], spec["key"]: found["anchor"]}}
+        if spec["captions"]:
+            params["prompts"] = found["captions"][: spec["captions"]]
     if not params.get("split"):
         return params
     from .lists import read_split

@@ -344,7 +344,7 @@ def encode_images(vae, paths: list[str], seed: int):
 
 
 def run_references(*, params: dict, runtime: dict, manifest: str, latents: str,
-                   split: str | None = None) -> None:  # fmt: skip
+                   split: str | None = None, anchor: str | None = None) -> None:  # fmt: skip
     """The `reference_images` rule: draw the set (resumable, as every sample job), then
     write its latents (and its params, prompts resolved from `split` where they come from
     one)."""
@@ -352,7 +352,7 @@ def run_references(*, params: dict, runtime: dict, manifest: str, latents: str,
     from safetensors.torch import save_file
 
     key = reference_key(params)
-    params = resolved_prompts(params, split)
+    params = resolved_prompts(params, split, anchor)
 
     settings = SampleSettings(
         images_per_prompt=params["images_per_prompt"], steps=params["steps"],

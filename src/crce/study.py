@@ -307,6 +307,16 @@ class Study:
             found.append((request, reference_key(params), params))
         return found
 
+    @property
+    def anchor_captions(self) -> int:
+        """Captions the `anchor` rule asks the LLM for: the most any method with an LLM
+        anchor uses (each takes the first it needs); 0 when none asks."""
+        from .constants import LLM_ANCHORS as LLM
+
+        asking = [m.settings for m in self.all_trained.values()
+                  if getattr(m.settings, "anchors", None) == LLM]  # fmt: skip
+        return max([getattr(s, "anchor_captions", 1) for s in asking], default=0)
+
     def resources(self, method: str) -> dict:
         from .methods import KIND_RESOURCES
 

@@ -206,6 +206,13 @@ def reference_split(wildcards):
     return split_file(REFERENCES[wildcards.key]) or []
 
 
+def reference_anchor(wildcards):
+    """The LLM's anchor a set reads (a method with `anchors: llm`), if any."""
+    from crce.references import anchor_file
+
+    return anchor_file(REFERENCES[wildcards.key]) or []
+
+
 def reference_latents(methods=None):
     """An erase job's image sets (its methods' `references()`): name -> latents file; the
     job's own method when `methods` is None."""

@@ -37,3 +37,24 @@ rule split:
         settings=STUDY.split.as_params(),
     script:
         "../scripts/split.py"
+
+
+# Concept Ablation's anchor from the LLM (a method with `anchors: llm`), with its captions.
+rule anchor:
+    input:
+        "results/splits/{concept}.json",
+    output:
+        "results/anchors/{concept}.json",
+    log:
+        "logs/anchors/{concept}.log",
+    conda:
+        "../../envs/llm.yaml"
+    resources:
+        gpu=1 if STUDY.llm_runtime.serve else 0,
+    params:
+        captions=STUDY.anchor_captions,
+        settings=STUDY.lists.as_params(),
+        runtime=untracked(STUDY.llm_runtime),
+        server_log="logs/anchors/{concept}.server.log",
+    script:
+        "../scripts/anchor.py"

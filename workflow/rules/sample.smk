@@ -35,6 +35,7 @@ rule reference_images:
     input:
         model=base_model,
         split=reference_split,
+        anchor=reference_anchor,
     output:
         manifest="results/references/{key}/manifest.parquet",
         latents="results/references/{key}/latents.safetensors",

@@ -8,4 +8,5 @@ with job_log(snakemake.log[0]):
         manifest=snakemake.output.manifest,
         latents=snakemake.output.latents,
         split=split if isinstance(split := snakemake.input.split, str) else None,
+        anchor=anchor if isinstance(anchor := snakemake.input.anchor, str) else None,
     )

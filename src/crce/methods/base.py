@@ -101,6 +101,10 @@ class ReferenceRequest:
     # this group ("retain_train"), read by the job once the split exists.
     from_split: str | None = None
     template: str = "{}"
+    # The LLM's anchor of the concept (results/anchors/{concept}.json, read by the job): the
+    # `extra` key it fills, and how many of its captions are the prompts (0: not the prompts).
+    from_anchor: str | None = None
+    anchor_captions: int = 0
 
 
 class Sampling:

@@ -13,7 +13,9 @@ The anchor images come from the base model through the `reference_images` rule, 
 train.py L720-735 draws its class images (DPM-Solver, 25 steps, guidance 6); the target's
 prompt of each image is its anchor prompt with the anchor replaced by the target
 (utils.py L197-199). The anchor of each concept comes from a curated file (`anchors`),
-checked (not empty, not the target; not a coref, at erase time) and recorded with the delta.
+checked (not empty, not the target; not a coref, at erase time), or with `anchors: llm` from
+the lists' LLM with its captions (crce.anchors, the `anchor` rule); it is recorded with the
+delta.
 
 Randomness per iteration k, in this order from the engine's generator: the horizontal flips
 of the batch's instance images then of its prior images (`hflip`), the noise, the timesteps.
@@ -92,7 +94,14 @@ class CaSettings(IterativeSettings):
     )
     anchors: str = Field(
         "resources/anchors.tsv",
-        description="curated TSV (columns concept, anchor): each target's anchor concept",
+        description="curated TSV (columns concept, anchor): each target's anchor concept; "
+        "`llm`: asked of the lists' LLM (rule `anchor`), with its captions",
+    )
+    anchor_captions: int = Field(
+        200,
+        ge=1,
+        description="with `anchors: llm`: captions the LLM writes, the anchor images spread over "
+        "them (official 200; `anchor_prompts` are then not used)",
     )
     anchor_prompts: tuple[str, ...] = Field(
         CAPTIONS,
@@ -166,6 +175,21 @@ class ConceptAblation(IterativeMethod):
 
     @classmethod
     def references(cls, settings, concept):
+        from ..constants import LLM_ANCHORS as LLM
+
+        if settings.anchors == LLM:  # the anchor and captions come with the job's inputs
+            return [
+                ReferenceRequest(
+                    "anchor",
+                    (),
+                    math.ceil(settings.anchor_images / settings.anchor_captions),
+                    steps=settings.anchor_steps,
+                    guidance=settings.anchor_guidance,
+                    scheduler="dpmsolver",
+                    from_anchor="anchor",
+                    anchor_captions=settings.anchor_captions,
+                )
+            ]
         anchor = anchor_for(settings.anchors, concept)
         prompts = tuple(dict.fromkeys(t.format(anchor=anchor) for t in settings.anchor_prompts))
         per_prompt = math.ceil(settings.anchor_images / len(prompts))

@@ -64,7 +64,8 @@ class SalunSettings(IterativeSettings):
     prompt: str = Field(PROMPT, description="the prompt of a concept's images, with `{}`")
     anchors: str = Field(
         "resources/anchors.tsv",
-        description="curated TSV (concept, anchor): the pseudo concept c_pseudo, CA's anchor",
+        description="curated TSV (concept, anchor): the pseudo concept c_pseudo, CA's anchor; "
+        "`llm`: the LLM's anchor (rule `anchor`)",
     )
 
 
@@ -77,12 +78,17 @@ class Salun(IterativeMethod):
 
     @classmethod
     def references(cls, settings, concept):
-        anchor = anchor_for(settings.anchors, concept)
+        from ..constants import LLM_ANCHORS as LLM
+
         forget = ReferenceRequest("forget", (settings.prompt.format(concept["text"]),),
                                   settings.forget_images)  # fmt: skip
+        if settings.anchors == LLM:  # the pseudo concept comes with the job's inputs
+            chosen = {"from_anchor": "pseudo"}
+        else:
+            chosen = {"extra": {"pseudo": anchor_for(settings.anchors, concept)}}
         remain = ReferenceRequest("remain", (), settings.remain_images,
                                   from_split="retain_train", template=settings.prompt,
-                                  extra={"pseudo": anchor})  # fmt: skip
+                                  **chosen)  # fmt: skip
         return [forget, remain]
 
     @classmethod
