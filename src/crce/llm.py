@@ -269,13 +269,19 @@ class _Paraphrases(BaseModel):
     prompts: list[str]
 
 
-def paraphrase_violations(prompts: list[str], k: int, concept: str, corefs: list[str]) -> list[str]:
+def count_violations(name: str, texts: list[str], n: int) -> list[str]:
+    """A list of exactly `n` texts, none empty, none repeated (by case and spacing)."""
     problems = []
-    if len(prompts) != k:
-        problems.append(f"'prompts' has {len(prompts)} items, it needs exactly {k}")
-    folded = [p.strip().casefold() for p in prompts]
-    if len(set(folded)) != len(folded) or any(not p for p in folded):
-        problems.append("'prompts' has empty or repeated items")
+    if len(texts) != n:
+        problems.append(f"'{name}' has {len(texts)} items, it needs exactly {n}")
+    folded = [t.strip().casefold() for t in texts]
+    if len(set(folded)) != len(folded) or any(not t for t in folded):
+        problems.append(f"'{name}' has empty or repeated items")
+    return problems
+
+
+def paraphrase_violations(prompts: list[str], k: int, concept: str, corefs: list[str]) -> list[str]:
+    problems = count_violations("prompts", prompts, k)
     for banned in [concept, *corefs]:
         hits = [p for p in prompts if banned.strip().casefold() in p.casefold()]
         if hits:
@@ -363,10 +369,7 @@ def anchor_violations(answer: _Anchor, n: int, concept: str, corefs: list[str]) 
     if meant:
         problems.append(f"the anchor {anchor!r} is {meant[0]!r}, a phrase that means the target")
     captions = [c.strip() for c in answer.captions]
-    if len(captions) != n:
-        problems.append(f"'captions' has {len(captions)} items, it needs exactly {n}")
-    if len({c.casefold() for c in captions}) != len(captions) or any(not c for c in captions):
-        problems.append("'captions' has empty or repeated items")
+    problems += count_violations("captions", captions, n)
     lacking = [c for c in captions if anchor and anchor not in c]
     if lacking:
         problems.append(f"{lacking[0]!r} does not contain the anchor {anchor!r} as written")
