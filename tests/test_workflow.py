@@ -109,7 +109,7 @@ def test_unknown_strategy_fails_at_parse_time(workdir):
 
 def test_images_target_plans_no_judging(workdir):
     counts = planned(snakemake(workdir, "-n", "images", "--configfile=config/test.yaml").stdout)
-    assert counts["sample"] == 32 and counts["erase"] == 28  # 8 methods, 7 trained
+    assert counts["sample"] == 36 and counts["erase"] == 32  # 9 methods, 8 trained
     assert not {"judge", "metrics", "concept_figure", "category_figure"} & set(counts)
 
 
@@ -210,23 +210,24 @@ def test_the_official_profile_sets_every_knob_of_the_official_code():
 
 
 def test_full_paper_dag_dry_run(workdir, tmp_path):
-    """50 concepts x 6 methods (wall time recorded in BENCHMARKS.md, not asserted): one job per
+    """50 concepts x 9 methods (wall time recorded in BENCHMARKS.md, not asserted): one job per
     concept trains its five methods as a group (train.group_methods), or one per method."""
     result = snakemake(workdir, "-n", "results/table1.csv")
     assert result.returncode == 0, result.stdout[-3000:]
     counts = planned(result.stdout)
     assert counts["erase_group"] == 50  # the five iterative methods of each concept
-    assert counts["erase"] == 100  # UCE and UCE-CR: closed form, one small job each
-    assert counts["sample"] == 400 and counts["judge"] == 50 and counts["metrics"] == 1
+    assert counts["erase"] == 150  # MACE (its stages), UCE and UCE-CR (one small job each)
+    assert counts["sample"] == 450 and counts["judge"] == 50 and counts["metrics"] == 1
+    assert counts["reference_images"] == 50 and counts["mace_prior"] == 1  # MACE's inputs
     overlay = tmp_path / "solo.yaml"
     overlay.write_text("train:\n  group_methods: false\n")
     solo = snakemake(workdir, "-n", "results/table1.csv", "--configfile", str(overlay))
-    assert planned(solo.stdout)["erase"] == 350 and "erase_group" not in planned(solo.stdout)
+    assert planned(solo.stdout)["erase"] == 400 and "erase_group" not in planned(solo.stdout)
     overlay.write_text("methods:\n  realera: null\n  uce-cr: null\n")  # an overlay drops two
     fewer = planned(
         snakemake(workdir, "-n", "results/table1.csv", "--configfile", str(overlay)).stdout
     )
-    assert (fewer["erase_group"], fewer["erase"], fewer["sample"]) == (50, 50, 300)
+    assert (fewer["erase_group"], fewer["erase"], fewer["sample"]) == (50, 100, 350)
 
 
 # Which settings are a rule's params (a change reruns what it affects) and which travel

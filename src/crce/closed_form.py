@@ -18,12 +18,23 @@ def ridge_edit(
     """argmin_W lamb |W - W0|^2 + sum_e w_e |W c_e - v*_e|^2 + sum_p w_p |W c_p - W0 c_p|^2,
     i.e. W B = A with B = lamb I + C_e^T W_e C_e + C_p^T W_p C_p and
     A = lamb W0 + V*^T W_e C_e + W0 C_p^T W_p C_p (rows of C are concepts)."""
-    eye = torch.eye(w_old.shape[1], dtype=w_old.dtype, device=w_old.device)
     weighted_erase = erase * erase_weights[:, None]
-    weighted_preserve = preserve * preserve_weights[:, None]
-    b = lamb * eye + erase.T @ weighted_erase + preserve.T @ weighted_preserve
-    a = lamb * w_old + targets.T @ weighted_erase + w_old @ (preserve.T @ weighted_preserve)
-    return torch.linalg.solve(b, a.T).T  # B is symmetric: W = A B^-1
+    preserve_gram = preserve.T @ (preserve * preserve_weights[:, None])
+    return gram_edit(
+        w_old,
+        lamb,
+        cross=targets.T @ weighted_erase + w_old @ preserve_gram,
+        gram=erase.T @ weighted_erase + preserve_gram,
+    )
+
+
+def gram_edit(w_old: torch.Tensor, lamb: float, cross: torch.Tensor, gram: torch.Tensor):
+    """argmin_W lamb |W - W0|^2 + sum_i |W c_i - v_i|^2 from its sums alone: with
+    cross = sum_i v_i c_i^T and gram = sum_i c_i c_i^T (symmetric), W = (lamb W0 + cross)
+    (lamb I + gram)^-1. MACE's refinement and fusion keep only these sums (its caches)."""
+    eye = torch.eye(w_old.shape[1], dtype=w_old.dtype, device=w_old.device)
+    a = lamb * w_old + cross
+    return torch.linalg.solve(lamb * eye + gram, a.T).T  # the gram is symmetric: W = A B^-1
 
 
 def regenerating_embedding(

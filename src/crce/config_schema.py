@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from . import methods as registry
 from .settings import (
@@ -244,10 +245,10 @@ def schema_text() -> str:
 def _default(info) -> str:
     if info.is_required():
         return "required"
-    value = info.default
+    value = info.default_factory() if info.default_factory else info.default
     if isinstance(value, BaseModel):
         return "see below"
-    return f"`{json.dumps(value)}`"
+    return f"`{json.dumps(to_jsonable_python(value))}`"
 
 
 def _rows(model: type[BaseModel], prefix: str, keys=None, tracked=True) -> list[str]:

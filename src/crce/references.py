@@ -19,6 +19,7 @@ from .methods import ReferenceRequest
 from .settings import SampleSettings
 
 LATENTS = "latents"  # the tensor's name in latents.safetensors
+MASKS = "masks"  # the set's masks, when its request asks for them (crce.masks)
 PARAMS = "params"  # its metadata key: the set's params as JSON (prompts, counts, extra)
 
 
@@ -29,6 +30,7 @@ class ReferenceSet:
 
     latents: object  # torch.Tensor [n, C, h, w]
     params: dict
+    masks: object = None  # torch.Tensor [n, H, W] uint8 (1: the concept), if requested
 
     @property
     def prompts(self) -> list[str]:
@@ -63,6 +65,8 @@ def request_params(request: ReferenceRequest, *, model: str, sample: SampleSetti
         "extra": json.loads(json.dumps(request.extra)),
         "split": from_split,
     }
+    if request.masks:  # as the anchor: only then, the keys of other sets unchanged
+        params["masks"] = dict(request.masks)
     if request.from_anchor:  # only then: the keys of every other set stay what they were
         params["anchor"] = {"concept": concept_id, "key": request.from_anchor,
                             "captions": request.anchor_captions}  # fmt: skip
@@ -123,7 +127,8 @@ def load_references(paths: dict[str, str]) -> dict[str, ReferenceSet]:
         try:
             with safe_open(path, framework="pt") as file:
                 params = json.loads(file.metadata()[PARAMS])
-                loaded[name] = ReferenceSet(file.get_tensor(LATENTS), params)
+                masks = file.get_tensor(MASKS) if MASKS in file.keys() else None
+                loaded[name] = ReferenceSet(file.get_tensor(LATENTS), params, masks)
         except Exception as err:  # SafetensorError, OSError, KeyError, JSONDecodeError
             raise damaged(path, err, rebuild_hint(path)) from None
     return loaded

@@ -27,7 +27,7 @@ from .files import damaged, rebuild_hint, record_sources
 from .lists import Split
 from .manifests import image_sha256
 from .modeling import device_for, load_pipeline, torch_dtype
-from .references import LATENTS, PARAMS, reference_key, resolved_prompts
+from .references import LATENTS, MASKS, PARAMS, reference_key, resolved_prompts
 from .seeds import derive_seed
 from .settings import RobustnessSettings, SampleRuntime, SampleSettings
 
@@ -365,9 +365,17 @@ def run_references(*, params: dict, runtime: dict, manifest: str, latents: str,
     vae = AutoencoderKL.from_pretrained(params["model"], subfolder="vae")
     vae.to(device_for(runtime.device))
     encoded = encode_images(vae, list(plan["path"]), params["seed"])
-    tmp = Path(latents).with_suffix(".tmp")
+    tensors = {LATENTS: encoded.contiguous()}
     metadata = {"key": key, PARAMS: json.dumps(params)}
-    save_file({LATENTS: encoded.contiguous()}, tmp, metadata=metadata)
+    if params.get("masks"):
+        from .masks import segment_images
+
+        masks, whole = segment_images(params["masks"], list(plan["path"]),
+                                      device_for(runtime.device))  # fmt: skip
+        tensors[MASKS] = torch.from_numpy(masks).contiguous()
+        metadata["masked_whole"] = str(whole)
+    tmp = Path(latents).with_suffix(".tmp")
+    save_file(tensors, tmp, metadata=metadata)
     tmp.replace(latents)
     log.info("%d reference images of %d prompts, latents %s", len(plan),
              len(params["prompts"]), tuple(encoded.shape))  # fmt: skip

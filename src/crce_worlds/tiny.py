@@ -144,3 +144,66 @@ def build_tiny_clip(output: str | Path, seed: int = 0) -> Path:
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(output)
     return output
+
+
+# The test world's concepts' words, lower-cased as BERT's uncased tokenizer reads them.
+GSAM_WORDS = ["cat", "bat", "animal", "harry", "potter", "beyonce", "a", "person", "photo", "of"]
+
+
+def build_tiny_gsam(detector: str | Path, sam: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random GroundingDINO (Swin backbone at 128 px: its last stage stays above 1x1;
+    two decoder layers, its minimum) with a BERT tokenizer from a local vocabulary, and a
+    tiny random SAM (64 px, its prompt encoder as wide as the vision neck's output), each
+    saved with its processor to load with from_pretrained like the hub's models."""
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+        SwinConfig,
+    )
+
+    torch.manual_seed(seed)
+    detector, sam = Path(detector), Path(sam)
+    detector.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *GSAM_WORDS]
+    (detector / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(detector / "vocab.txt"))
+    backbone = SwinConfig(image_size=128, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 1, 1], window_size=2,
+                          out_features=["stage2", "stage3", "stage4"])  # fmt: skip
+    text = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
+        decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=16,
+    )  # fmt: skip
+    images = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 128})
+    GroundingDinoProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(detector)
+    GroundingDinoForObjectDetection(config).save_pretrained(detector)
+
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=64, patch_size=16, output_channels=16, window_size=2,
+                             global_attn_indexes=[0], mlp_dim=64, num_pos_feats=8)  # fmt: skip
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16,
+                                    mask_input_channels=4)  # fmt: skip
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   mlp_dim=32, iou_head_hidden_dim=16)  # fmt: skip
+    SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())).save_pretrained(sam)  # fmt: skip
+    SamProcessor(image_processor=SamImageProcessor(
+        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+        mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16},
+    )).save_pretrained(sam)  # fmt: skip
+    return detector, sam

@@ -20,6 +20,8 @@ from crce.concepts import SheetError, load_sheet
 from crce.constants import METRICS, TRAINER_VERSION
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
 from crce.files import stale
+from crce.methods.mace import mask_models as mace_mask_models
+from crce.methods.mace import prior_requests as mace_prior_requests
 from crce.jobs import (
     conda_missing,
     hand_parent_to_jobs,
@@ -145,6 +147,7 @@ def download_repos():
     repos.append(STUDY.judge.model if STUDY.judge_runtime.serve else None)
     clip = STUDY.features.kind == "clip" and not STUDY.features_build
     repos.append(STUDY.features.pretrained if clip else None)
+    repos += MASK_MODELS.get("download", [])  # MACE's GroundingDINO and SAM
     return [r for r in repos if r]
 
 
@@ -193,6 +196,25 @@ def method_inputs(wildcards):
     exists: a new one reruns the job)."""
     method = STUDY.all_trained[wildcards.method]
     return method.cls.job_inputs(method.settings, wildcards.concept)
+
+
+# MACE's prior caches (crce.methods.mace), by key: one per captions source (rule mace_prior).
+MACE_PRIORS = mace_prior_requests([m.settings for m in STUDY.all_trained.values()])
+# Its mask models: hub ids for `download`, or folders a builder writes (rule mask_models).
+MASK_MODELS = mace_mask_models([m.settings for m in STUDY.all_trained.values()])
+MASK_BUILDS = {b: folders for b, folders in MASK_MODELS.items() if b != "download"}
+if len(MASK_BUILDS) > 1 or any(len(f) != 2 for f in MASK_BUILDS.values()):
+    raise WorkflowError(
+        "bad config: one `mask_models_build` with one detector and one SAM folder is "
+        f"supported; the methods give {MASK_BUILDS}"
+    )
+
+
+def reference_mask_models(wildcards):
+    """The built mask models a set's segmentation loads (a `gsam` request), if any."""
+    spec = REFERENCES[wildcards.key].get("masks") or {}
+    built = [f for folders in MASK_BUILDS.values() for f in folders]
+    return [m for m in (spec.get("detector"), spec.get("sam")) if m in built]
 
 
 # Every image set a method trains on, by key: each drawn once (rule reference_images).

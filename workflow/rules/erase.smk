@@ -103,3 +103,46 @@ if STUDY.sweep_grouped:
                 m: output[m] for m in STUDY.sweep_grouped
             },
             references=reference_latents(STUDY.sweep_grouped),
+
+
+# MACE's prior cache (crce.methods.mace): the captions fetched on the login node, then their
+# gram under the base model's text encoder, once per captions source for every concept.
+if MACE_PRIORS:
+
+    rule mace_prompts:
+        output:
+            "results/mace/prompts-{key}.csv",
+        log:
+            "logs/mace/prompts-{key}.log",
+        wildcard_constraints:
+            key=one_of(MACE_PRIORS),
+        localrule: True
+        conda:
+            "../../envs/llm.yaml"
+        params:
+            source=lambda wildcards: MACE_PRIORS[wildcards.key]["prompts"],
+            sha256=lambda wildcards: MACE_PRIORS[wildcards.key]["sha256"],
+            what="mace.prior_prompts",
+        script:
+            "../scripts/quality_prompts.py"
+
+    rule mace_prior:
+        input:
+            prompts="results/mace/prompts-{key}.csv",
+            model=base_model,
+        output:
+            "results/mace/prior-{key}.safetensors",
+        log:
+            "logs/mace/prior-{key}.log",
+        wildcard_constraints:
+            key=one_of(MACE_PRIORS),
+        conda:
+            "../../envs/train.yaml"
+        resources:
+            gpu=1,
+            runtime=60,
+        params:
+            model=STUDY.model,
+            runtime=untracked(STUDY.train_runtime),
+        script:
+            "../scripts/mace_prior.py"

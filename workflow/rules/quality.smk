@@ -30,6 +30,7 @@ rule quality_prompts:
     params:
         source=STUDY.quality.prompts if STUDY.quality else None,
         sha256=STUDY.quality.prompts_sha256 if STUDY.quality else None,
+        what="quality.prompts",
     script:
         "../scripts/quality_prompts.py"
 

@@ -36,6 +36,8 @@ rule reference_images:
         model=base_model,
         split=reference_split,
         anchor=reference_anchor,
+        # The mask models a set with masks loads, when the workflow builds them.
+        masks=reference_mask_models,
     output:
         manifest="results/references/{key}/manifest.parquet",
         latents="results/references/{key}/latents.safetensors",
@@ -54,6 +56,25 @@ rule reference_images:
         runtime=untracked(STUDY.sample_runtime),
     script:
         "../scripts/reference_images.py"
+
+
+# MACE's mask models, when the workflow builds them (the test world's tiny GroundingDINO
+# and SAM) instead of downloading them.
+if MASK_BUILDS:
+
+    rule mask_models:
+        output:
+            detector=directory(list(MASK_BUILDS.values())[0][0]),
+            sam=directory(list(MASK_BUILDS.values())[0][1]),
+        log:
+            "logs/mask_models.log",
+        conda:
+            "../../envs/sample.yaml"
+        params:
+            build=list(MASK_BUILDS)[0],
+            seed=STUDY.seed,
+        script:
+            "../scripts/mask_models.py"
 
 
 # On demand only (a full pipeline per (method, concept): terabytes at paper scale):

@@ -58,6 +58,7 @@ BUILTIN = {
     "spm": "crce.methods.spm:Spm",
     "ca": "crce.methods.ca:ConceptAblation",
     "salun": "crce.methods.salun:Salun",
+    "mace": "crce.methods.mace:Mace",
     "fmn": "crce.methods.fmn:ForgetMeNot",
 }
 

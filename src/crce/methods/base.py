@@ -105,6 +105,8 @@ class ReferenceRequest:
     # `extra` key it fills, and how many of its captions are the prompts (0: not the prompts).
     from_anchor: str | None = None
     anchor_captions: int = 0
+    # Masks of the concept in each image (crce.masks): {"segmenter", "label", "threshold"}.
+    masks: dict | None = None
 
 
 class Sampling:

@@ -1,0 +1,10 @@
+from crce.logs import job_log
+from crce.methods.mace import write_prior
+
+with job_log(snakemake.log[0]):
+    write_prior(
+        model=snakemake.params.model,
+        prompts_csv=snakemake.input.prompts,
+        output=snakemake.output[0],
+        device=snakemake.params.runtime.device,
+    )
