@@ -1,12 +1,14 @@
-"""CA, SalUn and FMN: the engine's trainer vs the official loop's pattern (tests/reference_ca.py,
-tests/reference_salun.py, tests/reference_fmn.py: a deep-copied UNet, prompts encoded at every
-step, separate calls), whole runs (SalUn's mask pass, FMN's inversion of as many steps
+"""CA, SalUn, FMN and MACE: the engine's trainer vs the official loop's pattern
+(tests/reference_ca.py, tests/reference_salun.py, tests/reference_fmn.py,
+tests/reference_mace.py: a deep-copied UNet, prompts encoded at every step, separate calls),
+whole runs (SalUn's mask pass, FMN's inversion of as many steps, MACE's refinement and fusion
 included) of the same iterations on the same latents, the two sides alternated in one process
 so the machine's noise hits both alike.
 
     python bench/fine_tune_step.py --method ca --rounds 5 --iterations 20      # tiny CPU model
     python bench/fine_tune_step.py --method salun --rounds 5 --iterations 20
     python bench/fine_tune_step.py --method fmn --rounds 5 --iterations 20     # batch 1
+    python bench/fine_tune_step.py --method mace --rounds 5 --iterations 50    # batch 1
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import make_cat_split  # noqa: E402
 from reference_ca import train_ca  # noqa: E402
 from reference_fmn import forget, invert  # noqa: E402
+from reference_mace import mace as naive_mace  # noqa: E402
 from reference_salun import train_salun  # noqa: E402
 
 from crce.modeling import load_pipeline  # noqa: E402
@@ -42,7 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--method", choices=["ca", "salun", "fmn"], default="ca")
+    parser.add_argument("--method", choices=["ca", "salun", "fmn", "mace"], default="ca")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd", seed=0))
@@ -55,6 +58,12 @@ def main() -> None:
     if args.method == "ca":
         references = {"anchor": ReferenceSet(latents, {"prompts": PROMPTS, "images_per_prompt": 10,
                                                        "extra": {"anchor": "animal"}})}  # fmt: skip
+    elif args.method == "mace":
+        latents = latents[:8]
+        masks = torch.zeros((8, size * 8, size * 8), dtype=torch.uint8)
+        masks[:, 4:24, 4:28] = 1
+        references = {"instances": ReferenceSet(latents, {"prompts": ["a photo of the cat"],
+                                                          "images_per_prompt": 8}, masks)}  # fmt: skip
     elif args.method == "fmn":
         args.batch = 1  # its official batch; the loop's pattern has no other
         latents = latents[:10]
@@ -70,12 +79,41 @@ def main() -> None:
                 "precision": "float32"}  # fmt: skip
     if args.method == "fmn":
         settings["ti_iterations"] = args.iterations
+    if args.method == "mace":
+        del settings["batch_size"]
+        settings["categories"] = {"object": {"lamb": 10.0, "lr": 1e-3}}
     split = make_cat_split()
+    mace_prompts = {}
+
+    def trainer():
+        if args.method != "mace":
+            engine = Engine.from_settings(load_pipeline(model), {args.method: settings},
+                                          target="cat", split=split, seed=0,
+                                          references=references)  # fmt: skip
+            engine.train(progress=False)
+            return
+        from crce import methods as registry
+        from crce.erase import Job
+        from crce.methods.mace import augmented_prompts
+
+        cls, parsed = registry.parse(settings)
+        method = cls(parsed, target="cat", split=split, seed=0)
+        job = Job(pipe=load_pipeline(model), concept={"id": "cat", "text": "cat",
+                  "category": "object"}, split=split, seed=0, runtime=None,
+                  checkpoint_dir=None, device=torch.device("cpu"), references=references)  # fmt: skip
+        cls.erase(job, {"mace": method})
+        mace_prompts["olds"] = method.olds
+        mace_prompts["news"] = augmented_prompts("ground", "object", parsed, 0)
 
     def reference():
         if args.method == "ca":
             train_ca(load_pipeline(model), latents, references["anchor"].prompts, "animal", "cat",
                      seed=0, iterations=args.iterations, lr=2e-6, batch=args.batch, prior=False)  # fmt: skip
+        elif args.method == "mace":
+            found = references["instances"]
+            naive_mace(load_pipeline(model), found.latents, found.masks, mace_prompts["olds"],
+                       mace_prompts["news"], "cat", seed=0, steps=args.iterations, lr=1e-3,
+                       lamb=10.0)  # fmt: skip
         elif args.method == "fmn":
             pipe = load_pipeline(model)
             tokenizer, encoder, _ = invert(pipe, latents, "cat", seed=0, steps=args.iterations)
@@ -90,9 +128,7 @@ def main() -> None:
     times = {"trainer": [], "reference": []}
     for _ in range(args.rounds):
         began = time.perf_counter()
-        engine = Engine.from_settings(load_pipeline(model), {args.method: settings}, target="cat",
-                                      split=split, seed=0, references=references)  # fmt: skip
-        engine.train(progress=False)
+        trainer()
         times["trainer"].append((time.perf_counter() - began) / args.iterations)
         began = time.perf_counter()
         reference()

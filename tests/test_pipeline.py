@@ -30,7 +30,7 @@ def test_table1_has_one_row_per_method_in_the_papers_layout(test_world):
     work = test_world.work
     table = pd.read_csv(work / "results" / "table1.csv")
     labels = [spec["label"] for spec in CONFIG["methods"].values()]
-    paper = ["SD", "ESD-x", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE"]
+    paper = ["SD", "ESD-x", "MACE", "RealEra", "CRCE-Sphere", "CRCE-Fixed", "CRCE"]
     assert list(table["method"]) == [*paper, "UCE", "UCE-CR"]  # the paper's order, then ours
     assert sorted(table["method"]) == sorted(labels)
     metrics = ["Acc_U", "Acc_C_train", "Acc_C_test", "Acc_R_train", "Acc_R_test"]
@@ -82,14 +82,15 @@ def test_adding_a_row_plans_only_that_concept(test_world):
     per_concept = {
         "coref_lists": 1,
         "split": 1,
-        "erase": 7,
-        "sample": 8,
+        "reference_images": 1,  # MACE's images of dog, with their masks
+        "erase": 8,
+        "sample": 9,
         "judge": 1,
         "concept_figure": 1,
         "clip_distances": 1,
         "table2_vs_paper": 1,  # dog: the paper printed its Table 2
     }
-    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 27}
+    assert test_world.plan(sheet=extended) == {**per_concept, **AGGREGATES, "total": 29}
     splits = test_world.work / "results" / "splits"
     before = {p.name: p.stat().st_mtime_ns for p in splits.glob("*.json")}
     result = snakemake(test_world.work, "splits", *test_world.args(sheet=extended))
