@@ -141,6 +141,30 @@ def test_three_stages_match_the_naive_official_pipeline(tiny_model, cat_split, t
         assert not torch.allclose(tensor, original[name].detach())
 
 
+def test_the_refinement_solve_matches_numpy(tiny_model, cat_split):
+    """Stage 1 against numpy's inverse on the reference's contexts and values (fp64)."""
+    from reference_mace import ca_layers, prepare_k_v
+
+    from crce.methods.mace import edited_weights
+
+    pipe = load_pipeline(tiny_model)
+    cls, settings = registry.parse(settings_of(lamb=7.0))
+    method = cls(settings, target="cat", split=cat_split, seed=5)
+    method.category_settings = settings.category("object")
+    base = {n: w.detach().double() for n, w in edited_weights(pipe.unet).items()}
+    ours = method.refine(pipe, base, None)
+    news = augmented_prompts("ground", "object", settings, 5)
+    projections = ca_layers(pipe.unet)
+    contexts, valuess = prepare_k_v(pipe, projections, method.olds, news)
+    for k, (name, layer) in enumerate(projections):
+        w = layer.weight.detach().double().numpy()
+        pairs = zip(contexts, valuess, strict=True)
+        mat1 = 7.0 * w + sum(v[k].detach().numpy().T @ c.numpy() for c, v in pairs)
+        mat2 = 7.0 * np.eye(w.shape[1]) + sum(c.numpy().T @ c.numpy() for c in contexts)
+        np.testing.assert_allclose(ours[name].numpy(), mat1 @ np.linalg.inv(mat2), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+
+
 def test_the_loss_reads_the_probabilities_inside_the_mask_at_the_concept_positions():
     probs = torch.arange(2 * 16 * 5, dtype=torch.float64).reshape(2, 16, 5)  # heads, 4x4, tokens
     positions = torch.tensor([False, True, False, True, False])
@@ -256,6 +280,27 @@ def test_mask_models_that_cannot_be_loaded_are_named(tmp_path):
 
     with pytest.raises(MaskModelError, match="detector '.*nowhere-dino'.*SAM '.*nowhere-sam'"):
         GroundedSam("cpu", str(tmp_path / "nowhere-dino"), str(tmp_path / "nowhere-sam"))
+    Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8)).save(tmp_path / "a.png")
+    spec = {"segmenter": "gsam", "label": "cat", "threshold": 0.3,
+            "detector": str(tmp_path / "nowhere-dino"), "sam": str(tmp_path / "nowhere-sam")}  # fmt: skip
+    with pytest.raises(MaskModelError, match="masks of 'cat': cannot load the mask models"):
+        segment_images(spec, [str(tmp_path / "a.png")], "cpu")
+
+
+@pytest.mark.slow
+def test_a_mace_model_exports_to_a_pipeline_diffusers_loads(test_world, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from helpers import snakemake
+    from safetensors.torch import load_file
+
+    world = test_world.copy(tmp_path / "world")
+    result = snakemake(world.work, "results/export/mace/cat", *world.args())
+    assert result.returncode == 0, result.stdout[-3000:]
+    exported = StableDiffusionPipeline.from_pretrained(world.work / "results/export/mace/cat")
+    delta = load_file(world.work / "results/models/mace/cat/delta.safetensors")
+    weights = dict(exported.unet.named_parameters())
+    for name, tensor in delta.items():
+        torch.testing.assert_close(weights[name].detach(), tensor)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from .plugins import load_object
+from .plugins import PluginError, load_object
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,12 @@ def segment_images(spec: dict, paths: list[str], device) -> tuple[np.ndarray, in
     images fell back to the whole image."""
     from PIL import Image
 
-    found = segmenter(spec, device)
+    from .masks_gsam import MaskModelError
+
+    try:
+        found = segmenter(spec, device)
+    except (MaskModelError, PluginError) as err:  # say whose masks they were
+        raise type(err)(f"masks of {spec['label']!r}: {err}") from err
     images = [Image.open(p).convert("RGB") for p in paths]
     masks = found.masks(images, spec["label"], spec["threshold"])
     out, whole = [], 0
