@@ -98,6 +98,18 @@ def test_token_alignment_matches_the_official_indices():
             True,
             True,
         ),  # fmt: skip
+        (
+            {
+                "lamb": 2.0,
+                "train_preserve_scale": 0.5,
+                "fuse_preserve_scale": 0.3,
+                "preserve_weight": 2.0,
+                "domain_prompts": "domain.csv",
+            },
+            True,
+            True,
+            False,
+        ),
     ],
 )
 def test_three_stages_match_the_naive_official_pipeline(tiny_model, cat_split, tmp_path,
@@ -110,7 +122,8 @@ def test_three_stages_match_the_naive_official_pipeline(tiny_model, cat_split, t
     monkeypatch.chdir(tmp_path)
     params = settings_of(**category)
     params["preserve_squared"] = squared
-    if prior:
+    domain_file = category.get("domain_prompts")
+    if prior and not domain_file:
         params["domain"] = "retains"
     references = {"instances": instances(load_pipeline(tiny_model), masked=masked)}
     base = load_pipeline(tiny_model)
@@ -120,6 +133,11 @@ def test_three_stages_match_the_naive_official_pipeline(tiny_model, cat_split, t
         path = tmp_path / mace.prior_file(settings)
         path.parent.mkdir(parents=True)
         save_file({"gram": prompt_gram(base, coco)}, str(path))
+    people = ["a photo of a singer", "a portrait of an actor"]
+    if domain_file:
+        (tmp_path / domain_file).write_text("prompt\n" + "\n".join(people) + "\n")
+        save_file({"gram": prompt_gram(base, people)},
+                  str(tmp_path / mace.caption_file(domain_file, None)))  # fmt: skip
     method, delta, summary = run_ours(tiny_model, cat_split, params, references)
     cat = {**CATEGORY, **category}
     news = augmented_prompts(cat["mapping"], cat["concept_type"], method.settings, 5)
@@ -129,7 +147,7 @@ def test_three_stages_match_the_naive_official_pipeline(tiny_model, cat_split, t
         base, references["instances"].latents, references["instances"].masks if masked else None,
         method.olds, news, "cat", seed=5, steps=3, lr=cat["lr"], lamb=cat["lamb"],
         prior=cache(base, coco) if prior else None,
-        domain=cache(base, retains) if prior else None,
+        domain=(cache(base, people) if domain_file else cache(base, retains)) if prior else None,
         train_scale=cat["train_preserve_scale"], fuse_scale=cat["fuse_preserve_scale"],
         weight=cat["preserve_weight"], squared=squared,
     )  # fmt: skip
@@ -336,7 +354,9 @@ def test_mace_trains_in_the_test_world_on_its_masked_images_and_prior_cache(test
     assert masks.shape == (2, 32, 32) and masks.max() == 1
     assert spec["segmenter"] == "gsam" and spec["label"] == "cat"
     assert (work / "results" / "base-model" / "tiny-sam" / "config.json").exists()
-    (prior,) = (work / "results" / "mace").glob("prior-*.safetensors")
-    with safe_open(str(prior), "pt") as handle:
-        gram = handle.get_tensor("gram")
-    torch.testing.assert_close(gram, gram.T)
+    caches = sorted((work / "results" / "mace").glob("cache-*.safetensors"))
+    assert len(caches) == 2  # the prior's (the COCO stand-in) and the celebrities' domain
+    for cache_path in caches:
+        with safe_open(str(cache_path), "pt") as handle:
+            gram = handle.get_tensor("gram")
+        torch.testing.assert_close(gram, gram.T)

@@ -218,7 +218,7 @@ def test_full_paper_dag_dry_run(workdir, tmp_path):
     assert counts["erase_group"] == 50  # the five iterative methods of each concept
     assert counts["erase"] == 150  # MACE (its stages), UCE and UCE-CR (one small job each)
     assert counts["sample"] == 450 and counts["judge"] == 50 and counts["metrics"] == 1
-    assert counts["reference_images"] == 50 and counts["mace_prior"] == 1  # MACE's inputs
+    assert counts["reference_images"] == 50 and counts["mace_cache"] == 1  # MACE's inputs
     overlay = tmp_path / "solo.yaml"
     overlay.write_text("train:\n  group_methods: false\n")
     solo = snakemake(workdir, "-n", "results/table1.csv", "--configfile", str(overlay))

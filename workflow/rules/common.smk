@@ -21,7 +21,7 @@ from crce.constants import METRICS, TRAINER_VERSION
 from crce.corefconcept import DatasetError, check_local_dataset, is_url
 from crce.files import stale
 from crce.methods.mace import mask_models as mace_mask_models
-from crce.methods.mace import prior_requests as mace_prior_requests
+from crce.methods.mace import cache_sources as mace_cache_sources
 from crce.jobs import (
     conda_missing,
     hand_parent_to_jobs,
@@ -198,8 +198,9 @@ def method_inputs(wildcards):
     return method.cls.job_inputs(method.settings, wildcards.concept)
 
 
-# MACE's prior caches (crce.methods.mace), by key: one per captions source (rule mace_prior).
-MACE_PRIORS = mace_prior_requests([m.settings for m in STUDY.all_trained.values()])
+# MACE's preservation caches (crce.methods.mace), by key: one per caption file (rule
+# mace_cache): the prior's (MS-COCO) and each category's domain captions.
+MACE_CACHES = mace_cache_sources([m.settings for m in STUDY.all_trained.values()])
 # Its mask models: hub ids for `download`, or folders a builder writes (rule mask_models).
 MASK_MODELS = mace_mask_models([m.settings for m in STUDY.all_trained.values()])
 MASK_BUILDS = {b: folders for b, folders in MASK_MODELS.items() if b != "download"}

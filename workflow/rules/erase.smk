@@ -105,9 +105,9 @@ if STUDY.sweep_grouped:
             references=reference_latents(STUDY.sweep_grouped),
 
 
-# MACE's prior cache (crce.methods.mace): the captions fetched on the login node, then their
-# gram under the base model's text encoder, once per captions source for every concept.
-if MACE_PRIORS:
+# MACE's preservation caches (crce.methods.mace): each caption file fetched on the login node,
+# then its gram under the base model's text encoder, once for every concept that reads it.
+if MACE_CACHES:
 
     rule mace_prompts:
         output:
@@ -115,27 +115,27 @@ if MACE_PRIORS:
         log:
             "logs/mace/prompts-{key}.log",
         wildcard_constraints:
-            key=one_of(MACE_PRIORS),
+            key=one_of(MACE_CACHES),
         localrule: True
         conda:
             "../../envs/llm.yaml"
         params:
-            source=lambda wildcards: MACE_PRIORS[wildcards.key]["prompts"],
-            sha256=lambda wildcards: MACE_PRIORS[wildcards.key]["sha256"],
-            what="mace.prior_prompts",
+            source=lambda wildcards: MACE_CACHES[wildcards.key]["prompts"],
+            sha256=lambda wildcards: MACE_CACHES[wildcards.key]["sha256"],
+            what="mace prompts",
         script:
             "../scripts/quality_prompts.py"
 
-    rule mace_prior:
+    rule mace_cache:
         input:
             prompts="results/mace/prompts-{key}.csv",
             model=base_model,
         output:
-            "results/mace/prior-{key}.safetensors",
+            "results/mace/cache-{key}.safetensors",
         log:
-            "logs/mace/prior-{key}.log",
+            "logs/mace/cache-{key}.log",
         wildcard_constraints:
-            key=one_of(MACE_PRIORS),
+            key=one_of(MACE_CACHES),
         conda:
             "../../envs/train.yaml"
         resources:
@@ -145,4 +145,4 @@ if MACE_PRIORS:
             model=STUDY.model,
             runtime=untracked(STUDY.train_runtime),
         script:
-            "../scripts/mace_prior.py"
+            "../scripts/mace_cache.py"

@@ -26,10 +26,11 @@ Three stages in one erase job, on every attn2 to_k / to_v weight W (32 in SD v1.
 
 The preservation caches are sums over prompts' every token, with the base model's W as
 targets (cache_coco.py): P2 = sum c c^T, P1 = W0 P2, so each is one gram matrix of the text
-encoder's states (stored once per model and prompts, rule `mace_prior`). The prior cache is
-MS-COCO captions; the domain cache (`preserve_weight`) is unpublished in the code (a download
-of the authors'): here `domain: retains` builds one from the concept's train retains, a
-variant, off by default.
+encoder's states (stored once per model and caption file, rule `mace_cache`). The prior
+cache is MS-COCO captions; the domain cache (`preserve_weight`) is a caption file per category
+(`domain_prompts`: the official caches are a download of the authors' whose prompts the code
+does not show, so none by default), or `domain: retains`, built in the job from the concept's
+train retains (a variant).
 
 The images are the target's from the base model (`reference_images`: inference.py L27-38,
 8 images of "a photo of the {}", DPM-Solver 30 steps, guidance 7.5), with masks from the
@@ -108,6 +109,12 @@ class MaceCategory(BaseModel):
     )
     fuse_preserve_scale: float = Field(0.0, ge=0, description="the caches' weight in the fusion")
     preserve_weight: float = Field(0.0, ge=0, description="the domain cache's weight beside COCO's")
+    domain_prompts: str | None = Field(
+        None,
+        description="the domain cache's captions (a URL or a CSV with a `prompt` or `caption` "
+        "column, e.g. other celebrities to keep; rule `mace_cache`); null: none",
+    )
+    domain_prompts_sha256: str | None = Field(None, description="their sha256 (null: unchecked)")
     mask_label: str | None = Field(
         None,
         description="what the detector looks for (null: the concept's text, as "
@@ -190,9 +197,9 @@ class MaceSettings(IterativeSettings):
     )
     domain: Literal["none", "retains"] = Field(
         "none",
-        description="the domain cache: `none` (the authors' cache files are a download whose "
-        "prompts the code does not show) or `retains` (the concept's train retains through "
-        "its templates: a variant)",
+        description="where a category without `domain_prompts` gets a domain cache: `none` "
+        "(the authors' cache files are a download whose prompts the code does not show) or "
+        "`retains` (the concept's train retains through its templates: a variant)",
     )
     prior_prompts: str = Field(
         "https://raw.githubusercontent.com/rohitgandikota/erasing/"
@@ -439,7 +446,7 @@ class Mace(IterativeMethod):
 
     @classmethod
     def job_inputs(cls, settings, concept_id):
-        return [prior_file(settings)] if settings.needs_prior() else []
+        return [caption_file(prompts, sha256) for prompts, sha256 in caches_of(settings)]
 
     @classmethod
     def config_problems(cls, settings, *, n_train):
@@ -540,6 +547,9 @@ class Mace(IterativeMethod):
         if not (c.train_preserve_scale or c.fuse_preserve_scale):
             return None
         prior = read_prior(prior_file(s)).to(pipe.text_encoder.device)
+        if c.domain_prompts and c.preserve_weight:
+            domain = read_prior(caption_file(c.domain_prompts, c.domain_prompts_sha256))
+            return prior + c.preserve_weight * domain.to(prior.device)
         if s.domain == "retains" and c.preserve_weight:
             texts = [i.text for i in self.split.retain_train]
             prompts = [p for t in texts for p in augmented_prompts(t, c.concept_type, s, self.seed)]
@@ -612,24 +622,40 @@ class LoraObjective:
         return {self.name: torch.stack(r.norms).sum().to(engine.dtype)}
 
 
-# -- the prior cache (rule mace_prior) ---------------------------------------------------
-def prior_params(settings: MaceSettings) -> dict:
-    """What decides the prior cache beside the model (the rule's params add it)."""
-    return {"prompts": settings.prior_prompts, "sha256": settings.prior_prompts_sha256}
+# -- the preservation caches (rule mace_cache) ----------------------------------------------
+def caption_params(prompts: str, sha256: str | None) -> dict:
+    """What decides a cache beside the model (the rule's params add it)."""
+    return {"prompts": prompts, "sha256": sha256}
+
+
+def caption_file(prompts: str, sha256: str | None) -> str:
+    canonical = json.dumps(caption_params(prompts, sha256), sort_keys=True, separators=(",", ":"))
+    return f"{PRIOR_FOLDER}/cache-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}.safetensors"
 
 
 def prior_file(settings: MaceSettings) -> str:
-    canonical = json.dumps(prior_params(settings), sort_keys=True, separators=(",", ":"))
-    return f"{PRIOR_FOLDER}/prior-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}.safetensors"
+    return caption_file(settings.prior_prompts, settings.prior_prompts_sha256)
 
 
-def prior_requests(settings_list) -> dict[str, dict]:
-    """The prior caches MACE methods need, by key (the rule `mace_prior`'s wildcard)."""
+def caches_of(settings: MaceSettings) -> list[tuple[str, str | None]]:
+    """The caption files a MACE method's jobs read: the prior's, each category's domain's."""
+    if not settings.needs_prior():
+        return []
+    found = [(settings.prior_prompts, settings.prior_prompts_sha256)]
+    for c in settings.categories.values():
+        if c.domain_prompts and c.preserve_weight:
+            found.append((c.domain_prompts, c.domain_prompts_sha256))
+    return found
+
+
+def cache_sources(settings_list) -> dict[str, dict]:
+    """Each cache's captions by key (the rules' params)."""
     found = {}
     for settings in settings_list:
-        if isinstance(settings, MaceSettings) and settings.needs_prior():
-            key = prior_file(settings).rsplit("prior-", 1)[1].removesuffix(".safetensors")
-            found[key] = prior_params(settings)
+        if isinstance(settings, MaceSettings):
+            for prompts, sha256 in caches_of(settings):
+                key = caption_file(prompts, sha256).rsplit("cache-", 1)[1]
+                found[key.removesuffix(".safetensors")] = caption_params(prompts, sha256)
     return found
 
 
@@ -668,8 +694,8 @@ def read_captions(path: str) -> list[str]:
         return [row[column] for row in reader if row[column]]
 
 
-def write_prior(*, model: str, prompts_csv: str, output: str, device: str = "auto") -> None:
-    """The rule `mace_prior`: the captions' gram under the base model's text encoder."""
+def write_cache(*, model: str, prompts_csv: str, output: str, device: str = "auto") -> None:
+    """The rule `mace_cache`: the captions' gram under the base model's text encoder."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -684,4 +710,4 @@ def write_prior(*, model: str, prompts_csv: str, output: str, device: str = "aut
     save_file({"gram": gram.cpu().contiguous()}, str(tmp),
               {"prompts": str(len(prompts)), "model": model})  # fmt: skip
     tmp.replace(output)
-    log.info("prior cache of %d captions: %s", len(prompts), output)
+    log.info("preservation cache of %d captions: %s", len(prompts), output)

@@ -1,8 +1,8 @@
 from crce.logs import job_log
-from crce.methods.mace import write_prior
+from crce.methods.mace import write_cache
 
 with job_log(snakemake.log[0]):
-    write_prior(
+    write_cache(
         model=snakemake.params.model,
         prompts_csv=snakemake.input.prompts,
         output=snakemake.output[0],
