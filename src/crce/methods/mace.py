@@ -546,9 +546,9 @@ class Mace(IterativeMethod):
         c, s = self.category_settings, self.settings
         if not (c.train_preserve_scale or c.fuse_preserve_scale):
             return None
-        prior = read_prior(prior_file(s)).to(pipe.text_encoder.device)
+        prior = read_cache(prior_file(s)).to(pipe.text_encoder.device)
         if c.domain_prompts and c.preserve_weight:
-            domain = read_prior(caption_file(c.domain_prompts, c.domain_prompts_sha256))
+            domain = read_cache(caption_file(c.domain_prompts, c.domain_prompts_sha256))
             return prior + c.preserve_weight * domain.to(prior.device)
         if s.domain == "retains" and c.preserve_weight:
             texts = [i.text for i in self.split.retain_train]
@@ -671,7 +671,7 @@ def mask_models(settings_list) -> dict[str, list[str]]:
     return found
 
 
-def read_prior(path: str):
+def read_cache(path: str):
     from safetensors.torch import load_file
 
     from ..files import damaged, rebuild_hint
