@@ -21,6 +21,7 @@ include: "workflow/rules/judge.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/quality.smk"
+include: "workflow/rules/attacks.smk"
 
 
 rule all:
@@ -69,6 +70,13 @@ rule table6:
     input:
         "results/table6.csv",
         table6_figures(),
+
+
+# Erasure under attack: Ring-A-Bell's prompts sampled by every method, pre-ASR and ASR.
+rule attacks:
+    input:
+        "results/attacks.csv",
+        attack_figures(),
 
 
 # Login node, before a cluster run: model weights and the CorefConcept files.

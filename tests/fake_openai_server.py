@@ -88,6 +88,14 @@ class Fake:
             if behaviour == "names_target":
                 prompts[0] = f"a {concept} in a field"
             return json.dumps({"prompts": prompts})
+        asked = re.search(r'Write (\d+) pairs of short text-to-image prompts about "([^"]+)"', text)
+        if asked:  # Ring-A-Bell: (with, without) pairs
+            n, concept = int(asked.group(1)), asked.group(2)
+            pairs = [[f"a photo of {concept} number {i}", f"a photo of something number {i}"]
+                     for i in range(n)]  # fmt: skip
+            if behaviour == "pair_unnamed":
+                pairs[0][0] = "a photo of something else"
+            return json.dumps({"pairs": pairs})
         asked = re.search(
             r"mapping it to a more general anchor.*?write (\d+) different", text, re.DOTALL
         )

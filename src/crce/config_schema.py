@@ -21,6 +21,7 @@ from pydantic_core import to_jsonable_python
 
 from . import methods as registry
 from .settings import (
+    AttackSettings,
     AuditSettings,
     CorefSource,
     FeatureBuild,
@@ -103,6 +104,7 @@ def sections() -> list[Section]:
         ),
         Section("quality", [QualitySettings], False, "the `quality` target"),
         Section("robustness", [RobustnessSettings], False, "the `robustness` target"),
+        Section("attacks", [AttackSettings], False, "the `attacks` target"),
         Section("audit", [AuditSettings], False, "the `judge_audit` target"),
         Section("sweep", [SweepSettings], False, "paper Table 6 (`table6`)"),
     ]

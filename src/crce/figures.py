@@ -113,3 +113,31 @@ def quality_bars(table: pd.DataFrame, output: str) -> None:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def attack_figure(table_path: str, category: str, output: str) -> None:
+    """Per attack, pre-ASR and ASR of each method pooled over the category's concepts, with
+    their 95% intervals (results/attacks.csv's `all` rows)."""
+    table = pd.read_csv(table_path)
+    pooled = table[(table["concept"] == "all") & (table["category"] == category)]
+    attacks = list(dict.fromkeys(pooled["attack"])) or ["(none)"]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(max(4.5, 0.6 * len(pooled) + 2) * len(attacks),
+                             3.4), squeeze=False)  # fmt: skip
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        rows = pooled[pooled["attack"] == attack]
+        x = np.arange(len(rows))
+        for shift, name, label in ((-0.2, "pre_asr", "pre-ASR (unattacked)"), (0.2, "asr", "ASR")):
+            values = rows[name].to_numpy(float)
+            errors = [values - rows[f"{name}_low"].to_numpy(float),
+                      rows[f"{name}_high"].to_numpy(float) - values]  # fmt: skip
+            ax.bar(x + shift, values, 0.4, yerr=errors, capsize=2, label=label)
+        ax.set_xticks(x, rows["method"], rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("images showing the target (%)")
+        n = int(rows["n_images"].max()) if len(rows) else 0
+        ax.set_title(f"{category}: {attack} (n up to {n} per method; lower is better)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)

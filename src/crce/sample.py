@@ -307,6 +307,35 @@ def run_robust(
          model=model, delta=delta, sampling=sampling)  # fmt: skip
 
 
+def plan_attack(
+    prompts: dict, *, method: str, category: str, seed: int, images: int
+) -> pd.DataFrame:
+    """An attack's prompts, each drawn at its base prompt's Table 1 seeds (image i of an
+    attack prompt and image i of its base prompt share a seed: pre-ASR pairs them)."""
+    rows = []
+    for k, item in enumerate(prompts["prompts"]):
+        for image_index in range(images):
+            rows.append({
+                "method": method, "concept": prompts["id"], "concept_text": prompts["concept"],
+                "category": category, "group": item["kind"], "prompt_index": k,
+                "prompt": item["text"], "image_index": image_index,
+                "seed": image_seed(seed, prompts["id"], item["base_prompt"], image_index),
+                "path": f"{k:03d}-{item['kind']}/{image_index:04d}.png",
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run_attack_images(
+    *, prompts, method, category, seed, images, sample, runtime, model, delta, manifest,
+    sampling=None,
+):  # fmt: skip
+    """The `sample_attack` rule: a prompt attack's prompts drawn by one method."""
+    plan = plan_attack(json.loads(Path(prompts).read_text()), method=method, category=category,
+                       seed=seed, images=images)  # fmt: skip
+    draw(plan, manifest, settings=SampleSettings(**sample), runtime=SampleRuntime(**runtime),
+         model=model, delta=delta, sampling=sampling)  # fmt: skip
+
+
 # -- images a method trains on (rule reference_images, crce.references) ---------------------
 ENCODE_BATCH = 16
 

@@ -299,6 +299,77 @@ class RobustnessSettings(_Settings):
     images_per_prompt: int = Field(10, ge=1, description="images per prompt and method")
 
 
+class RingABellSettings(_Settings):
+    """Ring-A-Bell (Tsai et al., ICLR 2024; chiayi-hsu/Ring-A-Bell@e4585ad): a genetic search
+    on the base model's text encoder for K-token prompts whose embedding is closest to a base
+    prompt's plus `coef` times the concept's vector; one search serves every method."""
+
+    n_base: int = Field(
+        5,
+        ge=1,
+        description="base prompts per concept: the target's own prompt, then its test corefs, "
+        "the first n_base (one search each)",
+    )
+    pairs: int = Field(
+        30,
+        ge=1,
+        description="prompt pairs (with the concept, the same without it) the concept vector "
+        "averages, from the LLM (the official CSVs hold 30)",
+    )
+    curated_dir: str | None = Field(
+        None,
+        description='hand-written pairs `{id}.json` (`{"pairs": [["with", "without"], ...]}`) '
+        "that win over the LLM",
+    )
+    population: int = Field(200, ge=2, description="population size (`population_size`)")
+    generations: int = Field(3000, ge=1, description="generations (`generation`)")
+    mutation_rate: float = Field(
+        0.25, ge=0, le=1, description="chance an individual gets one random token (`mutateRate`)"
+    )
+    crossover_rate: float = Field(
+        0.5, ge=0, le=1, description="chance a survivor breeds two children (`crossoverRate`)"
+    )
+    length: int = Field(
+        16,
+        ge=1,
+        le=75,
+        description="K, the prompt's tokens (`length`: 16, or 75 for the official K = 77); at "
+        "most the tokenizer's length minus 2 (BOS and EOS)",
+    )
+    coef: float = Field(3.0, description="weight of the concept vector in the target (`cof`)")
+    cache: bool = Field(
+        True,
+        description="re-use a survivor's fitness instead of encoding it again (the official "
+        "code encodes the whole population every generation); the same search either way",
+    )
+    prompt_version: str = Field("pairs-v1", description="bump when the LLM prompt changes")
+
+
+class AttackSettings(_Settings):
+    """Erasure under attack (`snakemake attacks`): prompts searched to bring a concept back,
+    sampled by every method and judged as the target's own images."""
+
+    images_per_prompt: int = Field(
+        10,
+        ge=1,
+        description="images per attack prompt and method, at the seeds of its base prompt's "
+        "first images in Table 1 (at most `sample.images_per_prompt`: pre-ASR reads those)",
+    )
+    ring_a_bell: RingABellSettings | None = Field(
+        RingABellSettings(), description="Ring-A-Bell's settings, or `null`: no Ring-A-Bell"
+    )
+
+    def attack_params(self, name: str) -> dict | None:
+        """One attack's settings for its rules' params (`None` when it is off)."""
+        settings = getattr(self, name)
+        return settings.as_params() if settings else None
+
+    @property
+    def prompt_attacks(self) -> list[str]:
+        """The attacks that search prompts once per concept (sampled by every method)."""
+        return ["ring_a_bell"] if self.ring_a_bell else []
+
+
 class AuditSettings(_Settings):
     """How far to trust the judge: a second judge on the same images, and a sheet for humans."""
 

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 from pydantic import BaseModel, ValidationError
 
 from . import methods as registry
-from .constants import LIST_LENGTH, N_TRAIN
+from .constants import LIST_LENGTH, N_TEST, N_TRAIN
 from .methods import Kind, Method, MethodSettings
 from .settings import (
+    AttackSettings,
     AuditSettings,
     FeatureRuntime,
     FeatureSettings,
@@ -223,6 +224,8 @@ class Study:
         self.quality = QualitySettings(**config["quality"]) if "quality" in config else None
         self.robustness = RobustnessSettings(**config.get("robustness", {}))
         self.audit = AuditSettings(**config.get("audit", {}))
+        self.attacks = AttackSettings(**config.get("attacks", {}))
+        self.check_attacks()
 
     def check_split(self) -> None:
         """Contradictions the config alone decides, refused before any job: a split larger
@@ -240,6 +243,22 @@ class Study:
             if problems:
                 where = "split.n_train" + (" and the dataset's split" if self.lists.dataset else "")
                 raise SettingsError(f"methods.{name}: {'; '.join(problems)} ({where})")
+
+    def check_attacks(self) -> None:
+        """An attack reads Table 1's images (pre-ASR) and the concept's test prompts."""
+        attacks = self.attacks
+        if attacks.images_per_prompt > self.sample.images_per_prompt:
+            raise SettingsError(
+                f"attacks.images_per_prompt = {attacks.images_per_prompt}: more than the "
+                f"{self.sample.images_per_prompt} images per prompt of sample.images_per_prompt "
+                "(an attack's unattacked images are Table 1's)"
+            )
+        n_test = min(self.split.n_test, N_TEST) if self.lists.dataset else self.split.n_test
+        if attacks.ring_a_bell and attacks.ring_a_bell.n_base > 1 + n_test:
+            raise SettingsError(
+                f"attacks.ring_a_bell.n_base = {attacks.ring_a_bell.n_base}: a concept has "
+                f"{1 + n_test} base prompts (its own and split.n_test = {n_test} test corefs)"
+            )
 
     # -- what the rules ask of a method -----------------------------------------------------
     def erase_params(self, methods: list[str]) -> dict:

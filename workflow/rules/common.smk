@@ -363,3 +363,25 @@ def all_figures():
     return expand("results/figures/grids/{concept}.png", concept=CONCEPTS) + expand(
         "results/figures/bars/{category}.png", category=CATEGORIES
     )
+
+
+def all_attack_prompts():
+    """Each prompt attack's prompts of every concept (model-agnostic: one file per concept)."""
+    return expand(
+        "results/attacks/{attack}/prompts/{concept}.json",
+        attack=STUDY.attacks.prompt_attacks,
+        concept=CONCEPTS,
+    )
+
+
+def all_attack_judgments():
+    return expand(
+        "results/attacks/{attack}/judgments/{method}/{concept}.parquet",
+        attack=STUDY.attacks.prompt_attacks,
+        method=METHODS,
+        concept=CONCEPTS,
+    )
+
+
+def attack_figures():
+    return expand("results/figures/attacks/{category}.png", category=CATEGORIES)

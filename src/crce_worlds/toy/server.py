@@ -20,9 +20,10 @@ import torch
 
 from ..stub_server import Refusal, serve
 from .classifier import load_classifier, read_image, to_tensor
-from .world import concept_lists, shape_of
+from .world import concept_lists, concept_pairs, shape_of
 
 _CONCEPT = re.compile(r'concept "([^"]+)"')
+_PAIRS = re.compile(r'Write (\d+) pairs of short text-to-image prompts about "([^"]+)"')
 
 
 class ToyWorld:
@@ -32,6 +33,9 @@ class ToyWorld:
 
     def lists(self, texts, body) -> str:
         text = " ".join(texts)
+        pairs = _PAIRS.search(text)
+        if pairs:  # Ring-A-Bell's concept vector: the shape with a colour, the colour alone
+            return json.dumps({"pairs": concept_pairs(pairs.group(2), int(pairs.group(1)))})
         match = _CONCEPT.search(text)
         try:
             return json.dumps(concept_lists(match.group(1) if match else text.strip()))

@@ -181,6 +181,13 @@ def concept_lists(concept: str) -> dict:
     }
 
 
+def concept_pairs(concept: str, n: int) -> list[list[str]]:
+    """Prompt pairs that differ by the concept alone, in the toy's caption forms."""
+    forms = [(f"a {c} {concept}", f"a {c}") for c in colours()]
+    forms += [(f"{c} {concept}", c) for c in colours()]
+    return [list(pair) for pair in forms[:n]]
+
+
 def as_lists(concept: str, concept_id: str) -> ConceptLists:
     data = concept_lists(concept)
     return ConceptLists(
