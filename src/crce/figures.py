@@ -136,7 +136,7 @@ def attack_figure(table_path: str, category: str, output: str) -> None:
         ax.set_ylabel("images showing the target (%)")
         n = int(rows["n_images"].max()) if len(rows) else 0
         ax.set_title(f"{category}: {attack} (n up to {n} per method; lower is better)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
