@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
 WORLD ?= config/demo.yaml
 
-.PHONY: setup demo demo-all test fast demo-test lint format
+.PHONY: setup demo demo-all demo-attacks test fast demo-test lint format
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ demo: setup
 # The toy world with every method: the paper's and the field's baselines (config/baselines.yaml).
 demo-all: setup
 	$(SNAKEMAKE) --cores 2 table1 --configfile $(WORLD) config/baselines.yaml
+
+# Erasure under attack on the toy world (after `make demo`: its Table 1 images are the
+# unattacked ones).
+demo-attacks: setup
+	$(SNAKEMAKE) --cores 2 attacks --configfile=$(WORLD)
 
 lint: setup
 	$(VENV)/bin/ruff format --check src tests bench workflow/scripts

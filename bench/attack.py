@@ -1,6 +1,6 @@
 """Ring-A-Bell's search: the fitness cache against the official fitness, which encodes the
 whole population every generation (InversePrompt.ipynb cell 9), on an SD v1.4-size CLIP text
-encoder with random weights (BENCHMARKS.md section 9). Both run the same search (same draws,
+encoder with random weights (BENCHMARKS.md section 10). Both run the same search (same draws,
 same result: checked), interleaved, `--repeats` times.
 
 OMP_NUM_THREADS=2 python bench/attack.py --population 50 --generations 20 --repeats 3

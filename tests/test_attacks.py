@@ -179,6 +179,24 @@ def test_attack_settings_that_contradict_the_study_are_named():
     assert Study(study_config(ring_a_bell=None)).attacks.prompt_attacks == []
 
 
+def test_the_papers_attacks_plan_one_search_per_concept(workdir):
+    """Ring-A-Bell is model-agnostic: 50 searches (and 50 pair requests), then every method
+    samples each concept's found prompts: 9 x 50, judged per concept."""
+    from helpers import planned, snakemake
+
+    result = snakemake(workdir, "-n", "attacks")
+    assert result.returncode == 0, result.stdout[-3000:]
+    counts = planned(result.stdout)
+    assert (counts["ring_a_bell_pairs"], counts["ring_a_bell"]) == (50, 50)
+    assert (counts["sample_attack"], counts["judge_attack"]) == (450, 50)
+    assert counts["attack_table"] == 1 and counts["attack_figure"] == 3
+    (workdir / "many.yaml").write_text("attacks:\n  images_per_prompt: 81\n")
+    refused = snakemake(workdir, "-n", "attacks", "--configfile", "many.yaml")
+    assert (
+        refused.returncode != 0 and "bad config: attacks.images_per_prompt = 81" in refused.stdout
+    )
+
+
 # -- pairs -----------------------------------------------------------------------------------
 def test_pairs_from_the_llm_are_validated_and_reasked(fake_server, cat_split, tmp_path):
     from crce.llm import pair_violations
@@ -234,9 +252,9 @@ def test_asr_counts_as_check_asr():
     table = asr_table(trials(attack, table1, prompts), {"sd": "SD", "esd-x": "ESD-x"})
     row = lambda m: table[(table.method == m) & (table.concept == "all")].iloc[0]  # noqa: E731
     sd, esd = row("SD"), row("ESD-x")
-    assert (sd.pre_asr, sd.asr, sd.n_images, sd.n_prompts) == (75.0, 100.0, 4, 2)
+    assert (sd.pre_asr, sd.asr, sd.n_trials, sd.n_images, sd.n_prompts) == (75.0, 100.0, 4, 4, 2)
     # ESD-x: 3 judged trials (one "maybe" left out and counted), pre 1, either 2.
-    assert (esd.n_images, esd.n_unjudged) == (3, 1)
+    assert (esd.n_trials, esd.n_unjudged) == (3, 1)
     assert esd.pre_asr == pytest.approx(100 / 3) and esd.asr == pytest.approx(200 / 3)
     assert esd.asr_low < esd.asr < esd.asr_high and list(table.method.unique()) == ["SD", "ESD-x"]
 
@@ -265,22 +283,167 @@ def test_a_missing_table1_image_is_named():
 # -- the test world ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_attacks_target_in_the_test_world(test_world):
+    """`snakemake attacks`: Ring-A-Bell for every method and concept, UnlearnDiffAtk on cat
+    for ESD-x and CRCE (config/test.yaml), in one table with a figure per category."""
     from helpers import snakemake
 
     result = snakemake(test_world.work, "attacks", *test_world.args())
     assert result.returncode == 0, result.stdout[-5000:]
     results = test_world.work / "results"
     table = pd.read_csv(results / "attacks.csv")
-    assert {"SD", "ESD-x", "CRCE", "MACE"} <= set(table.method)
-    per_concept = table[table.concept != "all"]
-    assert (per_concept.n_prompts == 2).all() and (
-        per_concept.n_images + per_concept.n_unjudged == 2
-    ).all()
+    ring = table[(table.attack == "ring_a_bell") & (table.concept != "all")]
+    assert {"SD", "ESD-x", "CRCE", "MACE"} <= set(ring.method)
+    assert (ring.n_prompts == 2).all() and (ring.n_trials + ring.n_unjudged == 2).all()
     assert ((table.pre_asr <= table.asr) | table.asr.isna()).all()
+    uda = table[(table.attack == "unlearndiffatk") & (table.concept == "cat")]
+    assert sorted(uda.method) == ["CRCE", "ESD-x"] and (uda.n_prompts == 1).all()
+    units = json.loads((results / "attacks/unlearndiffatk/units/esd-x/cat.json").read_text())
+    unit = units["units"][0]
+    assert unit["pre_success"] or [r["t"] for r in unit["rounds"]] == [250, 750]
     for category in set(table.category):
         assert (results / "figures" / "attacks" / f"{category}.png").stat().st_size > 0
-    prompts = json.loads(
-        next((results / "attacks" / "ring_a_bell" / "prompts").glob("*.json")).read_text()
-    )
+    prompts = json.loads((results / "attacks/ring_a_bell/prompts/cat.json").read_text())
     assert len(prompts["prompts"]) == 2 and len(prompts["pairs"]) == 3
     assert all(len(p["tokens"]) == 4 for p in prompts["prompts"])
+
+
+# -- UnlearnDiffAtk ----------------------------------------------------------------------------
+def test_the_timesteps_walk_the_schedule_as_classifier_py():
+    from crce.attacks.unlearndiffatk import sampled_timesteps
+
+    assert sampled_timesteps(50) == list(range(10, 1000, 20)) and len(sampled_timesteps(50)) == 50
+    assert sampled_timesteps(2) == [250, 750]
+
+
+def test_the_simplex_projection_is_the_official_bisection():
+    import reference_unlearndiffatk as uda
+
+    from crce.attacks.unlearndiffatk import projection
+
+    rows = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.02
+    mine = projection(rows)
+    np.testing.assert_array_equal(mine.numpy(), uda.projection(rows[None])[0].numpy())
+    assert torch.allclose(mine.sum(-1), torch.ones(3), atol=1e-4) and (mine >= 0).all()
+    uniform = torch.full((2, 10), 0.1)
+    assert torch.equal(projection(uniform), uniform)  # already on the simplex: kept
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model):
+    from crce.modeling import load_pipeline
+
+    pipe = load_pipeline(tiny_model)
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False).eval()
+    return pipe
+
+
+def test_unlearndiffatk_follows_the_official_loop(tiny_pipe, tmp_path):
+    """The same draws: every round's prompt and summed loss, and the final distributions,
+    equal the official TextGrad loop's (prefix_k, sequential)."""
+    import reference_unlearndiffatk as uda
+    from PIL import Image
+
+    from crce.attacks.unlearndiffatk import Attack, latent_of, sampled_timesteps
+    from crce.settings import UnlearnDiffAtkSettings
+
+    image = tmp_path / "x.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    x0 = latent_of(tiny_pipe.vae, str(image), "cpu")
+    settings = UnlearnDiffAtkSettings(iterations=3, timesteps=2)
+    mine = Attack(unet=tiny_pipe.unet, text_encoder=tiny_pipe.text_encoder,
+                  tokenizer=tiny_pipe.tokenizer, alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
+                  x0=x0, prompt="a cat", k=2, settings=settings,
+                  generator=torch.Generator().manual_seed(5))  # fmt: skip
+    rounds = mine.run()
+    theirs, dist = uda.attack(
+        unet=tiny_pipe.unet, text_encoder=tiny_pipe.text_encoder, tokenizer=tiny_pipe.tokenizer,
+        alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod, x0=x0, prompt="a cat", k=2,
+        iterations=3, sampled_t=sampled_timesteps(2), lr=0.01, weight_decay=0.1,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    assert [(r["t"], r["prompt"]) for r in rounds] == [(t, p) for t, p, _ in theirs]
+    np.testing.assert_allclose(
+        [r["loss"] for r in rounds], [loss for *_, loss in theirs], rtol=1e-5
+    )
+    np.testing.assert_allclose(mine.dist.detach().numpy(), dist.numpy(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(dist, torch.full_like(dist, 1 / dist.shape[-1]))  # it moved
+    assert all(r["prompt"].endswith("cat") and len(r["tokens"]) == 2 for r in rounds)
+
+
+def test_a_prompt_and_prefix_longer_than_the_tokenizer_is_named(tiny_pipe):
+    from crce.attacks.unlearndiffatk import prompt_parts
+
+    ids, length = prompt_parts(tiny_pipe.tokenizer, "a cat", 3)
+    assert length == len(tiny_pipe.tokenizer("a cat", add_special_tokens=False).input_ids)
+    with pytest.raises(AttackError, match=r"prefix of 14 do not fit .*attacks\.unlearndiffatk\.k"):
+        prompt_parts(tiny_pipe.tokenizer, "a cat", 14)
+
+
+def test_attack_units_are_the_prompts_the_base_model_draws_as_the_target(cat_split):
+    from crce.attacks.unlearndiffatk import attack_units
+
+    test_coref = cat_split.coref_test[0].text
+    judged = pd.DataFrame([
+        {"prompt": "cat", "image_index": 0, "seed": 10, "answer": "no", "path": "a"},
+        {"prompt": "cat", "image_index": 1, "seed": 11, "answer": "yes", "path": "b"},
+        {"prompt": "cat", "image_index": 5, "seed": 15, "answer": "yes", "path": "c"},  # past images
+        {"prompt": test_coref, "image_index": 0, "seed": 20, "answer": "yes", "path": "d"},
+        {"prompt": cat_split.coref_train[0].text, "image_index": 0, "seed": 30, "answer": "yes", "path": "e"},
+    ])  # fmt: skip
+    units = attack_units(cat_split, judged, images=2, n=5)
+    assert [(u["base_prompt"], u["seed"]) for u in units] == [("cat", 11), (test_coref, 20)]
+    assert [u["base_group"] for u in units] == ["target", "coref_test"]
+    assert len(attack_units(cat_split, judged, images=2, n=1)) == 1
+
+
+def test_a_unit_succeeds_if_any_round_does_and_a_skipped_one_by_its_pre_success():
+    from crce.attacks.asr import unit_trials
+
+    files = [{"attack": "unlearndiffatk", "method": "esd-x", "id": "cat", "category": "object",
+              "units": [{"base_prompt": "cat", "seed": 1, "rounds": [{}, {}]},
+                        {"base_prompt": "cat", "seed": 2, "rounds": [{}, {}]},
+                        {"base_prompt": "cat", "seed": 3, "rounds": []}]}]  # fmt: skip
+    table1 = judged("esd-x", "cat", [("cat", 0, 1, "no", "target"), ("cat", 0, 2, "no", "target"),
+                                     ("cat", 0, 3, "yes", "target")])  # fmt: skip
+    attack = judged("esd-x", "cat", [("p0", 0, 1, "no", "unlearndiffatk"), ("p1", 0, 1, "yes", "unlearndiffatk"),
+                                     ("q0", 1, 2, "no", "unlearndiffatk"), ("q1", 1, 2, "no", "unlearndiffatk")])  # fmt: skip
+    frame = unit_trials(attack, table1, files)
+    assert list(frame.success) == [True, False, False] and list(frame.pre) == [False, False, True]
+    row = asr_table(frame, {"esd-x": "ESD-x"}).iloc[-1]
+    assert (row.n_trials, row.n_images, row.pre_asr) == (3, 4, pytest.approx(100 / 3))
+    assert row.asr == pytest.approx(200 / 3)  # the round that worked, and the skipped pre-success
+
+
+def test_unlearndiffatk_subsets_name_what_is_wrong():
+    from crce.concepts import Concept as C
+    from crce.study import SettingsError, Study
+
+    sheet = {"cat": C(id="cat", text="cat", category="object"),
+             "beyonce": C(id="beyonce", text="Beyoncé", category="celebrity")}  # fmt: skip
+    study = Study(study_config(unlearndiffatk={"concepts": ["celebrity", "cat"]}))
+    assert study.uda_concepts(sheet) == ["beyonce", "cat"]
+    assert "sd" not in study.uda_methods() and "esd-x" in study.uda_methods()
+    wrong = Study(study_config(unlearndiffatk={"concepts": ["dog"]}))
+    with pytest.raises(SettingsError, match=r"attacks\.unlearndiffatk\.concepts: 'dog' is neither"):
+        wrong.uda_concepts(sheet)
+    with pytest.raises(
+        SettingsError, match=r"attacks\.unlearndiffatk\.methods: esd-y not in methods"
+    ):
+        Study(study_config(unlearndiffatk={"methods": ["esd-y"]}))
+
+
+def test_the_straight_through_draw_clips_its_gradient():
+    import reference_unlearndiffatk as uda
+
+    from crce.attacks.unlearndiffatk import StraightThroughDraw
+
+    dist = torch.full((2, 6), 1 / 6, requires_grad=True)
+    one_hot = StraightThroughDraw.apply(dist, torch.Generator().manual_seed(1))
+    assert torch.equal(one_hot.sum(-1), torch.ones(2))
+    theirs = uda.STERandSelect.apply(dist[None], torch.Generator().manual_seed(1))[0]
+    assert torch.equal(one_hot, theirs)  # the same token drawn from the same generator
+    weights = torch.linspace(-5, 5, 12).view(2, 6)
+    (one_hot * weights).sum().backward()
+    assert torch.equal(dist.grad, weights.clamp(-1, 1))  # hardtanh, then straight through

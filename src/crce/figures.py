@@ -134,7 +134,7 @@ def attack_figure(table_path: str, category: str, output: str) -> None:
         ax.set_xticks(x, rows["method"], rotation=45, ha="right", fontsize=7)
         ax.set_ylim(0, 100)
         ax.set_ylabel("images showing the target (%)")
-        n = int(rows["n_images"].max()) if len(rows) else 0
+        n = int(rows["n_trials"].max()) if len(rows) else 0
         ax.set_title(f"{category}: {attack} (n up to {n} per method; lower is better)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

@@ -102,3 +102,26 @@ def tokenize(pipe, prompts: list[str]):
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """CLIP last hidden states, as Stable Diffusion conditions on them."""
     return pipe.text_encoder(tokenize(pipe, prompts).input_ids.to(pipe.text_encoder.device))[0]
+
+
+def extended_embedding(base, rows, first_id: int):
+    """The text encoder's token embedding with rows appended for new tokens: ids from
+    `first_id` on read `rows` (a trainable tensor), the rest the base table (FMN's
+    placeholders, UnlearnDiffAtk's prefix)."""
+
+    class Extended(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        def forward(self, ids):
+            new = ids >= first_id
+            found = torch.nn.functional.embedding(ids.where(~new, 0), self.base.weight)
+            extra = rows.to(found.dtype)[(ids - first_id).clamp(min=0)]
+            return torch.where(new[..., None], extra, found)
+
+    return Extended()

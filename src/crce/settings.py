@@ -345,6 +345,42 @@ class RingABellSettings(_Settings):
     prompt_version: str = Field("pairs-v1", description="bump when the LLM prompt changes")
 
 
+class UnlearnDiffAtkSettings(_Settings):
+    """UnlearnDiffAtk (Zhang et al., ECCV 2024; OPTML-Group/Diffusion-MU-Attack@5a3e5d3,
+    `attacker: text_grad`): k prefix tokens optimised against the erased UNet's denoising loss
+    on the base model's image of the prompt; white-box, so one attack per (method, concept)."""
+
+    concepts: list[str] = Field(
+        [],
+        description="the concepts attacked: concept ids or category names (`[]`: none; "
+        "opt-in, a GPU-hour per method and concept at paper scale)",
+    )
+    methods: list[str] | None = Field(
+        None, description="the methods attacked (`null`: every method but the base model)"
+    )
+    n_prompts: int = Field(
+        10,
+        ge=1,
+        description="attacked (prompt, seed) pairs per concept: the first the judge reads as "
+        "the target on the base model (the official filter), over the concept's own prompt and "
+        "its test corefs at their first `attacks.images_per_prompt` Table 1 seeds",
+    )
+    k: dict[Category, Annotated[int, Field(ge=1)]] = Field(
+        {"object": 3, "celebrity": 3, "ip": 3},
+        description="prefix tokens per category (the configs: 3 for objects and styles, 5 for "
+        "nudity)",
+    )
+    iterations: int = Field(40, ge=1, description="Adam steps per time step (`iteration`)")
+    timesteps: int = Field(
+        50, ge=1, description="time steps the attack walks, one round each (`n_samples`)"
+    )
+    lr: float = Field(0.01, gt=0, description="Adam learning rate (`text_grad.lr`)")
+    weight_decay: float = Field(
+        0.1, ge=0, description="Adam weight decay (`text_grad.weight_decay`)"
+    )
+    criterion: Literal["l2", "l1"] = Field("l2", description="denoising loss (`criterion`)")
+
+
 class AttackSettings(_Settings):
     """Erasure under attack (`snakemake attacks`): prompts searched to bring a concept back,
     sampled by every method and judged as the target's own images."""
@@ -357,6 +393,9 @@ class AttackSettings(_Settings):
     )
     ring_a_bell: RingABellSettings | None = Field(
         RingABellSettings(), description="Ring-A-Bell's settings, or `null`: no Ring-A-Bell"
+    )
+    unlearndiffatk: UnlearnDiffAtkSettings = Field(
+        UnlearnDiffAtkSettings(), description="UnlearnDiffAtk's settings (opt-in: `concepts`)"
     )
 
     def attack_params(self, name: str) -> dict | None:

@@ -259,6 +259,43 @@ class Study:
                 f"attacks.ring_a_bell.n_base = {attacks.ring_a_bell.n_base}: a concept has "
                 f"{1 + n_test} base prompts (its own and split.n_test = {n_test} test corefs)"
             )
+        uda = attacks.unlearndiffatk
+        if uda.concepts and self.base_method is None:
+            raise SettingsError(
+                "attacks.unlearndiffatk.concepts: UnlearnDiffAtk attacks the base model's images "
+                "of the prompts, and no method is the base model (strategy: none)"
+            )
+        unknown = [m for m in uda.methods or [] if m not in self.methods]
+        if unknown:
+            raise SettingsError(
+                f"attacks.unlearndiffatk.methods: {', '.join(unknown)} not in methods "
+                f"(they are: {', '.join(self.methods)})"
+            )
+
+    @property
+    def base_method(self) -> str | None:
+        """The method that is the base model (its images are UnlearnDiffAtk's x0)."""
+        return next((m for m, r in self.methods.items() if r.kind is Kind.NONE), None)
+
+    def uda_methods(self) -> list[str]:
+        """The methods UnlearnDiffAtk attacks: those named, else every one but the base model."""
+        named = self.attacks.unlearndiffatk.methods
+        return [m for m in self.methods if m in named] if named is not None else [
+            m for m in self.methods if m != self.base_method
+        ]  # fmt: skip
+
+    def uda_concepts(self, concepts: dict) -> list[str]:
+        """The concept ids UnlearnDiffAtk attacks: each entry a concept id or a category."""
+        chosen = []
+        for entry in self.attacks.unlearndiffatk.concepts:
+            ids = [c for c, concept in concepts.items() if entry in (c, concept.category)]
+            if not ids:
+                raise SettingsError(
+                    f"attacks.unlearndiffatk.concepts: {entry!r} is neither a concept id of the "
+                    f"sheet nor a category of its concepts ({', '.join(sorted(concepts))})"
+                )
+            chosen += [c for c in ids if c not in chosen]
+        return chosen
 
     # -- what the rules ask of a method -----------------------------------------------------
     def erase_params(self, methods: list[str]) -> dict:

@@ -93,11 +93,68 @@ use rule judge as judge_attack with:
         server_log="logs/attacks/{attack}/judge/{concept}.server.log",
 
 
+rule unlearndiffatk:
+    input:
+        split="results/splits/{concept}.json",
+        base_judgments=f"results/judgments/{STUDY.base_method}/{{concept}}.parquet",
+        judgments="results/judgments/{method}/{concept}.parquet",
+        delta=trained_delta,
+        model=base_model,
+        extra=sampling_inputs,
+    output:
+        units="results/attacks/unlearndiffatk/units/{method}/{concept}.json",
+        manifest="results/attacks/unlearndiffatk/images/{method}/{concept}/manifest.parquet",
+    log:
+        "logs/attacks/unlearndiffatk/{method}/{concept}.log",
+    wildcard_constraints:
+        method=one_of(UDA_METHODS),
+        concept=one_of(UDA_CONCEPTS),
+    retries: 2
+    conda:
+        "../../envs/sample.yaml"
+    resources:
+        gpu=1,
+        runtime=lambda wildcards, attempt: 240 * attempt,
+    params:
+        settings=STUDY.attacks.unlearndiffatk.as_params(),
+        category=lambda wildcards: CONCEPTS[wildcards.concept].category,
+        seed=STUDY.seed,
+        images=STUDY.attacks.images_per_prompt,
+        sample=STUDY.sample.as_params(),
+        model=STUDY.model,
+        sampling=sampling,
+        runtime=untracked(STUDY.sample_runtime),
+    script:
+        "../scripts/unlearndiffatk.py"
+
+
+if UDA_CONCEPTS:
+
+    # Every round's image of every attacked method, judged as the target's images.
+    use rule judge as judge_uda with:
+        input:
+            **{
+                m: f"results/attacks/unlearndiffatk/images/{m}/{{concept}}/manifest.parquet"
+                for m in UDA_METHODS
+            },
+        output:
+            **judgments_of(UDA_METHODS, "attacks/unlearndiffatk/judgments"),
+        log:
+            "logs/attacks/unlearndiffatk/judge/{concept}.log",
+        wildcard_constraints:
+            concept=one_of(UDA_CONCEPTS),
+        params:
+            cache="results/judge_cache/{concept}.unlearndiffatk.jsonl",
+            server_log="logs/attacks/unlearndiffatk/judge/{concept}.server.log",
+
+
 rule attack_table:
     input:
         attack_judgments=all_attack_judgments(),
         table1_judgments=all_judgments(),
         prompts=all_attack_prompts(),
+        unit_judgments=all_uda_judgments(),
+        units=all_uda_units(),
     output:
         report(
             "results/attacks.csv",

@@ -65,6 +65,12 @@ except DatasetError as err:
 
 METHODS = list(STUDY.methods)
 TRAINED_METHODS = list(STUDY.trained)
+# UnlearnDiffAtk attacks each (method, concept) of these (opt-in: `attacks.unlearndiffatk`).
+try:
+    UDA_CONCEPTS = STUDY.uda_concepts(CONCEPTS)
+except SettingsError as err:
+    raise WorkflowError(f"bad config: {err}") from None
+UDA_METHODS = STUDY.uda_methods() if UDA_CONCEPTS else []
 
 
 def table1_links():
@@ -380,6 +386,23 @@ def all_attack_judgments():
         attack=STUDY.attacks.prompt_attacks,
         method=METHODS,
         concept=CONCEPTS,
+    )
+
+
+def all_uda_units():
+    """UnlearnDiffAtk's attacked prompts of each (method, concept) it attacks."""
+    return expand(
+        "results/attacks/unlearndiffatk/units/{method}/{concept}.json",
+        method=UDA_METHODS,
+        concept=UDA_CONCEPTS,
+    )
+
+
+def all_uda_judgments():
+    return expand(
+        "results/attacks/unlearndiffatk/judgments/{method}/{concept}.parquet",
+        method=UDA_METHODS,
+        concept=UDA_CONCEPTS,
     )
 
 

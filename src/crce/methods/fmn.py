@@ -99,33 +99,12 @@ def placeholder_names(count: int) -> list[str]:
     return [f"<s{k + 1}>" for k in range(count)]
 
 
-def extended_embedding(base, rows, first_id: int):
-    """The text encoder's token embedding with rows appended for new tokens: ids from
-    `first_id` on read `rows` (a trainable tensor), the rest the base table."""
-    import torch
-
-    class Extended(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base = base
-
-        @property
-        def weight(self):
-            return self.base.weight
-
-        def forward(self, ids):
-            new = ids >= first_id
-            found = torch.nn.functional.embedding(ids.where(~new, 0), self.base.weight)
-            extra = rows.to(found.dtype)[(ids - first_id).clamp(min=0)]
-            return torch.where(new[..., None], extra, found)
-
-    return Extended()
-
-
 @contextlib.contextmanager
 def placeholders(pipe, rows):
     """A tokenizer that knows <s1>..<sN> and the pipe's text encoder reading them as `rows`,
     restored on exit."""
+    from ..modeling import extended_embedding
+
     tokenizer = copy.deepcopy(pipe.tokenizer)
     names = placeholder_names(len(rows))
     tokenizer.add_tokens(names)
