@@ -14,8 +14,9 @@ import reference_ring_a_bell as ref
 import torch
 from pydantic import ValidationError
 
+from crce.attacks import AttackError
 from crce.attacks.asr import asr_table, trials
-from crce.attacks.pairs import AttackError, concept_pairs, curated_pairs
+from crce.attacks.pairs import concept_pairs, curated_pairs
 from crce.attacks.ring_a_bell import (
     Draws,
     Fitness,
@@ -195,6 +196,13 @@ def test_the_papers_attacks_plan_one_search_per_concept(workdir):
     assert (
         refused.returncode != 0 and "bad config: attacks.images_per_prompt = 81" in refused.stdout
     )
+    (workdir / "uda.yaml").write_text("attacks:\n  unlearndiffatk:\n    concepts: [celebrity]\n")
+    uda = planned(snakemake(workdir, "-n", "attacks", "--configfile", "uda.yaml").stdout)
+    # The paper's 8 erasing methods on its 15 celebrities; one judge job per celebrity.
+    assert (uda["unlearndiffatk"], uda["judge_uda"], uda["sample_attack"]) == (120, 15, 450)
+    (workdir / "typo.yaml").write_text("attacks:\n  unlearndiffatk:\n    concepts: [celebrty]\n")
+    refused = snakemake(workdir, "-n", "attacks", "--configfile", "typo.yaml")
+    assert "bad config: attacks.unlearndiffatk.concepts: 'celebrty' is neither" in refused.stdout
 
 
 # -- pairs -----------------------------------------------------------------------------------
@@ -305,6 +313,10 @@ def test_attacks_target_in_the_test_world(test_world):
     prompts = json.loads((results / "attacks/ring_a_bell/prompts/cat.json").read_text())
     assert len(prompts["prompts"]) == 2 and len(prompts["pairs"]) == 3
     assert all(len(p["tokens"]) == 4 for p in prompts["prompts"])
+    report = snakemake(test_world.work, "--report", "attacks.html", "attacks", *test_world.args())
+    assert report.returncode == 0, report.stdout[-3000:]
+    html = (test_world.work / "attacks.html").read_text(errors="replace")
+    assert "attacks.csv" in html and "object.png" in html
 
 
 # -- UnlearnDiffAtk ----------------------------------------------------------------------------
@@ -447,3 +459,50 @@ def test_the_straight_through_draw_clips_its_gradient():
     weights = torch.linspace(-5, 5, 12).view(2, 6)
     (one_hot * weights).sum().backward()
     assert torch.equal(dist.grad, weights.clamp(-1, 1))  # hardtanh, then straight through
+
+
+def test_an_attack_job_skips_what_the_method_draws_and_resumes_its_pairs(
+    tiny_model, cat_split, tmp_path, caplog
+):
+    """run_attack on the tiny model: the pair the method already draws as the target is a
+    pre-success and not attacked; the other is attacked and every round drawn; a second run
+    reads the attacked pair's rounds instead of attacking again."""
+    import logging
+
+    from PIL import Image
+
+    from crce.attacks.unlearndiffatk import run_attack
+    from crce.lists import write_model
+    from crce.settings import SampleSettings
+
+    split = tmp_path / "cat.json"
+    write_model(cat_split, split)
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"sd{i}.png")
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(images[-1])
+    base = pd.DataFrame([{"prompt": "cat", "image_index": i, "seed": 100 + i, "answer": "yes",
+                          "path": str(images[i])} for i in range(2)])  # fmt: skip
+    base.to_parquet(tmp_path / "sd.parquet")
+    base.assign(answer=["yes", "no"]).to_parquet(
+        tmp_path / "mine.parquet"
+    )  # seed 100 already drawn
+    kwargs = dict(
+        split_path=str(split), base_judgments=str(tmp_path / "sd.parquet"),
+        judgments=str(tmp_path / "mine.parquet"), method="esd-x", category="object", seed=0,
+        settings={"n_prompts": 2, "iterations": 2, "timesteps": 2}, images=2, model=tiny_model,
+        delta=None, sample=SampleSettings(steps=2, resolution=32, precision="float32").as_params(),
+        runtime={"batch_size": 4, "device": "cpu"}, output=str(tmp_path / "units" / "cat.json"),
+        manifest=str(tmp_path / "images" / "manifest.parquet"),
+    )  # fmt: skip
+    run_attack(**kwargs)
+    units = json.loads((tmp_path / "units" / "cat.json").read_text())["units"]
+    assert [u["pre_success"] for u in units] == [True, False]
+    assert units[0]["rounds"] == [] and [r["t"] for r in units[1]["rounds"]] == [250, 750]
+    manifest = pd.read_parquet(tmp_path / "images" / "manifest.parquet")
+    assert list(manifest.prompt_index) == [1, 1] and (manifest.seed == 101).all()
+    assert list(manifest.prompt) == [r["prompt"] for r in units[1]["rounds"]]
+    with caplog.at_level(logging.INFO, logger="crce.attacks.unlearndiffatk"):
+        run_attack(**kwargs)
+    assert "rounds read from" in caplog.text
+    assert json.loads((tmp_path / "units" / "cat.json").read_text())["units"] == units

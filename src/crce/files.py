@@ -94,3 +94,14 @@ def stale(product: str | Path, delta: str | Path) -> bool:
     if (stat.st_size, stat.st_mtime_ns) == (record.get("size"), record.get("mtime_ns")):
         return False
     return files_sha256([delta]) != record["sha256"]
+
+
+def write_json(data: dict, output: str | Path) -> None:
+    """`data` as indented JSON, atomically: a reader never sees half a file."""
+    import json
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(output)

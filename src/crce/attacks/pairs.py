@@ -8,19 +8,9 @@ import json
 from pathlib import Path
 
 from ..concepts import Concept
+from ..files import write_json
 from ..settings import ListSettings, LlmRuntime, RingABellSettings
-
-
-class AttackError(ValueError):
-    """An attack's input that cannot be used, named."""
-
-
-def write_json(data: dict, output: str | Path) -> None:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(output)  # atomic: a reader never sees half a file
+from . import AttackError
 
 
 def curated_pairs(path: Path) -> list[tuple[str, str]]:

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import write_json
 from ..seeds import derive_seed
 from ..settings import RingABellSettings
-from .pairs import AttackError, write_json
+from . import AttackError
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from ..seeds import derive_seed
 from ..settings import UnlearnDiffAtkSettings
-from .pairs import AttackError, write_json
+from . import AttackError
 
 log = logging.getLogger(__name__)
 KIND = "unlearndiffatk"
@@ -243,8 +244,10 @@ def run_attack(*, split_path, base_judgments, judgments, method, category, seed,
             unit["rounds"] = []
             continue
         done = work / f"{index:03d}.json"
-        if done.is_file() and json.loads(done.read_text())["fingerprint"] == fingerprint | unit:
+        key = fingerprint | {name: unit[name] for name in ("base_prompt", "seed", "path")}
+        if done.is_file() and json.loads(done.read_text())["fingerprint"] == key:
             unit["rounds"] = json.loads(done.read_text())["rounds"]
+            log.info("%s at seed %d: rounds read from %s", unit["base_prompt"], unit["seed"], done)
             continue
         generator = torch.Generator(device=device).manual_seed(
             derive_seed(
@@ -256,7 +259,7 @@ def run_attack(*, split_path, base_judgments, judgments, method, category, seed,
                         x0=latent_of(pipe.vae, unit["path"], device), prompt=unit["base_prompt"],
                         k=k, settings=settings, generator=generator)  # fmt: skip
         unit["rounds"] = attack.run()
-        write_json({"fingerprint": fingerprint | unit, "rounds": unit["rounds"]}, done)
+        write_json({"fingerprint": key, "rounds": unit["rounds"]}, done)
     del pipe
     rows = [{"method": method, "concept": split.id, "concept_text": split.concept,
              "category": category, "group": KIND, "prompt_index": index, "prompt": r["prompt"],
