@@ -280,13 +280,18 @@ def count_violations(name: str, texts: list[str], n: int) -> list[str]:
     return problems
 
 
-def paraphrase_violations(prompts: list[str], k: int, concept: str, corefs: list[str]) -> list[str]:
-    problems = count_violations("prompts", prompts, k)
+def naming_violations(texts: list[str], concept: str, corefs: list[str]) -> list[str]:
+    """A text that contains the target or a coref (by case), for each banned phrase."""
+    problems = []
     for banned in [concept, *corefs]:
-        hits = [p for p in prompts if banned.strip().casefold() in p.casefold()]
+        hits = [t for t in texts if banned.strip().casefold() in t.casefold()]
         if hits:
             problems.append(f"{hits[0]!r} contains {banned!r}, which it must not name")
     return problems
+
+
+def paraphrase_violations(prompts: list[str], k: int, concept: str, corefs: list[str]) -> list[str]:
+    return count_violations("prompts", prompts, k) + naming_violations(prompts, concept, corefs)
 
 
 def generate_paraphrases(
@@ -458,11 +463,7 @@ def pair_violations(
     lacking = [w for w, _ in pairs if concept.casefold() not in w.casefold()]
     if lacking:
         problems.append(f"{lacking[0]!r} does not name {concept!r}")
-    for banned in [concept, *corefs]:
-        hits = [o for _, o in pairs if banned.strip().casefold() in o.casefold()]
-        if hits:
-            problems.append(f"{hits[0]!r} contains {banned!r}, which it must not name")
-    return problems
+    return problems + naming_violations([o for _, o in pairs], concept, corefs)
 
 
 def generate_concept_pairs(

@@ -280,9 +280,10 @@ def run_neutral(*, prompts, method, concept, quality, settings, runtime, model, 
          model=model, delta=delta, sampling=sampling)  # fmt: skip
 
 
-def plan_robust(
-    prompts: dict, *, method: str, category: str, seed: int, images: int
-) -> pd.DataFrame:
+def plan_prompt_items(prompts: dict, *, method: str, category: str, images: int,
+                      seed_of) -> pd.DataFrame:  # fmt: skip
+    """One row per (item, image) of a prompts file (`{"id", "concept", "prompts": [{"text",
+    "kind", ...}]}`), the image's seed `seed_of(item, image_index)`."""
     rows = []
     for k, item in enumerate(prompts["prompts"]):
         for image_index in range(images):
@@ -290,10 +291,19 @@ def plan_robust(
                 "method": method, "concept": prompts["id"], "concept_text": prompts["concept"],
                 "category": category, "group": item["kind"], "prompt_index": k,
                 "prompt": item["text"], "image_index": image_index,
-                "seed": derive_seed("crce-robust", seed, prompts["id"], item["text"], image_index),
+                "seed": seed_of(item, image_index),
                 "path": f"{k:03d}-{item['kind']}/{image_index:04d}.png",
             })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def plan_robust(
+    prompts: dict, *, method: str, category: str, seed: int, images: int
+) -> pd.DataFrame:
+    return plan_prompt_items(
+        prompts, method=method, category=category, images=images,
+        seed_of=lambda item, i: derive_seed("crce-robust", seed, prompts["id"], item["text"], i),
+    )  # fmt: skip
 
 
 def run_robust(
@@ -312,17 +322,10 @@ def plan_attack(
 ) -> pd.DataFrame:
     """An attack's prompts, each drawn at its base prompt's Table 1 seeds (image i of an
     attack prompt and image i of its base prompt share a seed: pre-ASR pairs them)."""
-    rows = []
-    for k, item in enumerate(prompts["prompts"]):
-        for image_index in range(images):
-            rows.append({
-                "method": method, "concept": prompts["id"], "concept_text": prompts["concept"],
-                "category": category, "group": item["kind"], "prompt_index": k,
-                "prompt": item["text"], "image_index": image_index,
-                "seed": image_seed(seed, prompts["id"], item["base_prompt"], image_index),
-                "path": f"{k:03d}-{item['kind']}/{image_index:04d}.png",
-            })  # fmt: skip
-    return pd.DataFrame(rows)
+    return plan_prompt_items(
+        prompts, method=method, category=category, images=images,
+        seed_of=lambda item, i: image_seed(seed, prompts["id"], item["base_prompt"], i),
+    )  # fmt: skip
 
 
 def run_attack_images(
