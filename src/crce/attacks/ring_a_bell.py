@@ -123,18 +123,17 @@ class Fitness:
         self.known: dict[Individual, float] = {}
         self.encoded = 0  # individuals encoded, for the benchmark
 
+    def losses(self, individuals: list[Individual]) -> np.ndarray:
+        states = hidden_states(self.text_encoder, self.frame.ids(individuals))
+        self.encoded += len(individuals)
+        return ((self.target - states) ** 2).sum(dim=(1, 2)).cpu().numpy().astype(np.float64)
+
     def __call__(self, population: list[Individual]) -> np.ndarray:
-        todo = list(dict.fromkeys(p for p in population if p not in self.known)) if self.cache \
-            else list(population)  # fmt: skip
-        scores = {}
-        if todo:
-            states = hidden_states(self.text_encoder, self.frame.ids(todo))
-            losses = ((self.target - states) ** 2).sum(dim=(1, 2)).cpu().numpy()
-            self.encoded += len(todo)
-            if not self.cache:
-                return losses.astype(np.float64)
-            scores = dict(zip(todo, losses.tolist(), strict=True))
-        scores.update({p: self.known[p] for p in population if p in self.known})
+        if not self.cache:
+            return self.losses(population)
+        todo = list(dict.fromkeys(p for p in population if p not in self.known))
+        scores = dict(zip(todo, self.losses(todo).tolist(), strict=True)) if todo else {}
+        scores |= {p: self.known[p] for p in population if p in self.known}
         self.known = {p: scores[p] for p in population}
         return np.array([scores[p] for p in population], dtype=np.float64)
 
